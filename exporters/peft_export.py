@@ -1,0 +1,426 @@
+"""PEFT (LoRA) model -> ONNX with every adapter kept as its own, unmerged branch.
+
+What ``export_peft`` adds to ``torch.onnx.export(..., dynamo=True)``:
+
+* every loaded adapter is active during export, so each becomes a branch
+  ``base(x) + B(A(x)) * scale`` (PEFT's own forward is traced, so numerics are PEFT's);
+* each site's scale is its own initializer ``<module>.lora_scale.<adapter>`` (PEFT's float
+  ``scaling`` turned into a buffer for the export), never one literal shared across sites;
+* weight initializers keep their PEFT state-dict names: base-weight transposes are folded into
+  the initializer under the original name (lazily, at save time), LoRA weights stay in PEFT's
+  layout behind a Transpose (cheap at rank r) so a PEFT checkpoint maps onto them 1:1;
+* LoRA nodes carry metadata ``lora_onnx.module`` / ``lora_onnx.adapter`` / ``lora_onnx.role``;
+* unsupported tuners and variants (DoRA, LoHa, LoKr, ...) fail early with UnsupportedAdapterError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import keyword
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from graph_tools.errors import ExportError, NoLoraError, UnsupportedAdapterError
+from graph_tools.lora import META_ADAPTER, META_MODULE, META_ROLE, LoraSite, find_lora_sites
+from graph_tools.lora import naming
+
+__all__ = ["export_peft", "ExportResult", "lora_layers"]
+
+logger = logging.getLogger(__name__)
+
+_WRAP = "peft_model"
+_PROTOBUF_LIMIT = 1_800_000_000  # bytes of initializers above which weights go to external data
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    sites: list[LoraSite]
+    adapters: list[str]
+    input_names: list[str]
+    output_names: list[str]
+    external_data: str | None
+
+
+def export_peft(
+    model: torch.nn.Module,
+    example_inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | torch.Tensor,
+    output_path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
+    external_data: bool | None = None,
+) -> ExportResult:
+    """Export a PEFT LoRA model to ONNX keeping every adapter as an unmerged branch.
+
+    Args:
+        model: a ``peft.PeftModel`` or any module with PEFT LoRA layers injected.
+        example_inputs: keyword tensors (``{"input_ids": ...}``), a tuple of positional tensors,
+            or one tensor.
+        output_path: the ``.onnx`` file to write (its folder is created).
+        opset: ONNX opset (torch.onnx's default when ``None``).
+        dynamic_shapes: ``{input_name: {axis: dim_name}}``; by default batch and sequence axes
+            of transformers text inputs are dynamic, other inputs static.
+        external_data: ``True`` puts weights in ``<file>.data``; ``None`` does so only above the
+            protobuf limit.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise NoLoraError(f"{type(model).__name__} has no PEFT LoRA layers to export")
+    names, args = _normalize_inputs(model, example_inputs)
+    axes = dict(dynamic_shapes) if dynamic_shapes is not None else _default_axes(model, names, args)
+    output_path = Path(output_path)
+    if output_path.suffix != ".onnx":
+        raise ExportError(f"{output_path}: output path must end in .onnx")
+    adapters = sorted({a for _, layer in layers for a in _layer_adapters(layer)})
+    wrapper = _make_wrapper(model, names, keywords=isinstance(example_inputs, Mapping))
+    with _export_mode(model, layers):
+        with torch.no_grad():
+            outputs = wrapper(*args)
+        output_names = list(wrapper.output_names)
+        del outputs
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                tuple(args),
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=output_names,
+                dynamic_axes={k: dict(v) for k, v in axes.items()} or None,
+                report=False,
+            )
+        except Exception as exc:  # torch raises many types; all mean "could not export"
+            raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
+    ir_model = program.model
+    lora_params = _restore_names(ir_model, f"{_WRAP}.")
+    _fold_weight_transposes(ir_model, lora_params)
+    _optimize(ir_model, lora_params)
+    sites = find_lora_sites(ir_model)
+    _check_sites(sites, layers)
+    annotate_sites(ir_model, sites)
+    ir_model.producer_name = "lora-onnx"
+    external = _save(ir_model, output_path, external_data)
+    logger.info("exported %d LoRA sites (%d adapters) to %s", len(sites), len(adapters), output_path)
+    return ExportResult(output_path, sites, adapters, names, output_names, external)
+
+
+# -- PEFT model inspection -------------------------------------------------------------------
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Return ``(name, layer)`` of every PEFT LoRA layer; raise on unsupported tuners/variants."""
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as exc:  # pragma: no cover - peft is a dependency
+        raise UnsupportedAdapterError(f"peft is not importable: {exc}") from exc
+    from peft.tuners.lora import layer as lora_layer_mod
+
+    supported = (lora_layer_mod.Linear, lora_layer_mod.Embedding, lora_layer_mod._ConvNd)
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if not isinstance(module, LoraLayer):
+            raise UnsupportedAdapterError(
+                f"{name}: {type(module).__module__}.{type(module).__name__} is not LoRA; "
+                "supported: LoRA on Linear, transformers Conv1D, Embedding, Conv1d/Conv2d"
+            )
+        if not isinstance(module, supported):
+            raise UnsupportedAdapterError(
+                f"{name}: LoRA layer type {type(module).__name__} is not supported; "
+                "supported: Linear, transformers Conv1D, Embedding, Conv1d/Conv2d"
+            )
+        if getattr(module, "merged_adapters", None):
+            raise UnsupportedAdapterError(f"{name}: adapters {module.merged_adapters} are merged; unmerge them first")
+        for adapter in _layer_adapters(module):
+            variant = getattr(module, "lora_variant", {}).get(adapter)
+            if variant is not None or module.use_dora.get(adapter, False):
+                kind = type(variant).__name__ if variant is not None else "DoRA"
+                raise UnsupportedAdapterError(
+                    f"{name}: adapter {adapter!r} uses the LoRA variant {kind}; only plain LoRA "
+                    "(incl. rsLoRA, rank/alpha patterns) is supported"
+                )
+            if module.lora_bias.get(adapter, False):
+                raise UnsupportedAdapterError(f"{name}: adapter {adapter!r} uses lora_bias=True, not supported")
+        found.append((name, module))
+    return found
+
+
+def _layer_adapters(layer) -> list[str]:
+    keys = list(layer.lora_A.keys()) + list(getattr(layer, "lora_embedding_A", {}).keys())
+    return [k for k in keys if k in layer.scaling]
+
+
+class _ScaleView(dict):
+    """Stands in for ``layer.scaling`` during export: items read the per-site scale buffers."""
+
+    def __init__(self, layer: torch.nn.Module, original: dict):
+        super().__init__(original)
+        self._layer = layer
+
+    def __getitem__(self, key):
+        return getattr(self._layer.lora_scale, key)
+
+
+@contextlib.contextmanager
+def _export_mode(model: torch.nn.Module, layers) -> Iterator[None]:
+    """eval(), all adapters active, scales as buffers; everything restored afterwards."""
+    was_training = model.training
+    saved = []
+    try:
+        model.eval()
+        for _, layer in layers:
+            adapters = _layer_adapters(layer)
+            holder = torch.nn.Module()
+            dtype = _lora_dtype(layer, adapters[0]) if adapters else torch.float32
+            for adapter in adapters:
+                holder.register_buffer(adapter, torch.tensor(float(layer.scaling[adapter]), dtype=dtype))
+            saved.append((layer, layer.scaling, layer._active_adapter, layer._disable_adapters))
+            layer.lora_scale = holder
+            layer.scaling = _ScaleView(layer, layer.scaling)
+            layer._active_adapter = list(adapters)
+            layer._disable_adapters = False
+        yield
+    finally:
+        for layer, scaling, active, disabled in saved:
+            layer.scaling = scaling
+            layer._active_adapter = active
+            layer._disable_adapters = disabled
+            if "lora_scale" in layer._modules:
+                del layer._modules["lora_scale"]
+        model.train(was_training)
+
+
+def _lora_dtype(layer, adapter: str) -> torch.dtype:
+    if adapter in layer.lora_A:
+        return layer.lora_A[adapter].weight.dtype
+    return layer.lora_embedding_A[adapter].dtype
+
+
+# -- inputs and outputs ----------------------------------------------------------------------
+class _Wrapper(torch.nn.Module):
+    """Named positional tensors in, a flat tuple of tensors out (what torch.onnx needs)."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str], keywords: bool):
+        super().__init__()
+        setattr(self, _WRAP, model)
+        self._names = names
+        self._keywords = keywords
+        self._use_cache = hasattr(getattr(model, "config", None), "use_cache")
+        self.output_names: list[str] = []
+
+    def _call(self, args):
+        model = getattr(self, _WRAP)
+        if self._keywords:
+            kwargs = dict(zip(self._names, args))
+            if self._use_cache:
+                kwargs["use_cache"] = False
+            out = model(**kwargs)
+        else:
+            out = model(*args)
+        names, tensors = _flatten_outputs(out)
+        self.output_names = names
+        return tuple(tensors)
+
+
+def _make_wrapper(model: torch.nn.Module, names: list[str], keywords: bool) -> _Wrapper:
+    """A wrapper whose ``forward`` has one named parameter per input (torch.export binds by name)."""
+    params = ", ".join(names)
+    namespace: dict[str, Any] = {}
+    exec(f"def forward(self, {params}):\n    return self._call(({params},))\n", namespace)  # noqa: S102
+    cls = type("LoraOnnxExportWrapper", (_Wrapper,), {"forward": namespace["forward"]})
+    return cls(model, names, keywords)
+
+
+def _flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        return ["output"], [out]
+    if isinstance(out, Mapping):  # transformers ModelOutput is a Mapping of the non-None fields
+        items = [(k, v) for k, v in out.items() if isinstance(v, torch.Tensor)]
+        return [k for k, _ in items], [v for _, v in items]
+    if isinstance(out, (tuple, list)):
+        tensors = [t for t in out if isinstance(t, torch.Tensor)]
+        return [f"output_{i}" for i in range(len(tensors))], tensors
+    raise ExportError(f"model output of type {type(out).__name__} holds no tensors")
+
+
+def _normalize_inputs(model, example_inputs) -> tuple[list[str], list[torch.Tensor]]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        names = list(example_inputs)
+        values = list(example_inputs.values())
+    elif isinstance(example_inputs, (tuple, list)):
+        values = list(example_inputs)
+        names = [f"input_{i}" for i in range(len(values))]
+    else:
+        raise ExportError(f"example_inputs must be a dict, tuple or tensor, not {type(example_inputs).__name__}")
+    for name, value in zip(names, values):
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ExportError(f"example input name {name!r} is not a valid Python identifier")
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(f"example input {name!r} is {type(value).__name__}, not a tensor")
+    return names, values
+
+
+def _default_axes(model, names, args) -> dict[str, dict[int, str]]:
+    if getattr(model, "config", None) is None:
+        return {}
+    axes = {}
+    for name, value in zip(names, args):
+        if name in _TEXT_INPUTS and value.dim() >= 2:
+            axes[name] = {0: "batch", 1: "sequence"}
+    return axes
+
+
+# -- graph post-processing -------------------------------------------------------------------
+def _restore_names(model: ir.Model, prefix: str) -> set[str]:
+    """Drop the wrapper prefix so initializers carry the model's state-dict names."""
+    lora: set[str] = set()
+    for value in list(model.graph.initializers.values()):
+        name = value.name or ""
+        if name.startswith(prefix):
+            model.graph.initializers.pop(name)
+            value.name = name[len(prefix) :]
+            model.graph.register_initializer(value)
+        if naming.parse_lora_weight_name(value.name) is not None:
+            lora.add(value.name)
+    return lora
+
+
+def _fold_weight_transposes(model: ir.Model, keep: set[str]) -> None:
+    """Transpose(W) -> W' for base weights, W' keeping W's name; the transpose runs at save time."""
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or not src.is_initializer() or src.name in keep or src.is_graph_input():
+            continue
+        if len(src.uses()) != 1 or src.const_value is None:
+            continue
+        perm = tuple(node.attributes.get_ints("perm", None) or reversed(range(len(src.shape))))
+        tensor = src.const_value
+        shape = ir.Shape([tensor.shape[i] for i in perm])
+        lazy = ir.LazyTensor(_transposer(tensor, perm), dtype=tensor.dtype, shape=shape, name=src.name)
+        name = src.name
+        out = node.outputs[0]
+        graph.initializers.pop(name)
+        folded = ir.Value(name=name, shape=shape, type=ir.TensorType(tensor.dtype), const_value=lazy)
+        folded.metadata_props["lora_onnx.transposed"] = ",".join(map(str, perm))
+        ir.convenience.replace_all_uses_with(out, folded)
+        graph.remove(node, safe=True)
+        graph.register_initializer(folded)
+
+
+def _transposer(tensor, perm):
+    def make():
+        array = tensor.numpy()
+        return ir.Tensor(np.ascontiguousarray(np.transpose(array, perm)), dtype=tensor.dtype)
+
+    return make
+
+
+def _optimize(model: ir.Model, lora_names: set[str]) -> None:
+    """onnxscript's optimizer, minus initializer deduplication (it would share the scales)."""
+    from onnxscript.optimizer import _constant_folding
+    from onnxscript import rewriter
+    from onnx_ir.passes import common as common_passes
+
+    def should_fold(node: ir.Node):
+        for value in node.inputs:
+            if value is not None and value.name in lora_names:
+                return False
+        return None
+
+    passes = ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                    should_fold=should_fold,
+                ),
+                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )
+    passes(model)
+
+
+def _check_sites(sites: list[LoraSite], layers) -> None:
+    expected = {(naming.strip_peft_prefix(name), a) for name, layer in layers for a in _layer_adapters(layer)}
+    found = {s.key for s in sites}
+    missing = sorted(expected - found)
+    if missing:
+        raise ExportError(
+            f"{len(missing)} LoRA branches were not kept as branches in the exported graph "
+            f"(first: module {missing[0][0]!r}, adapter {missing[0][1]!r}); was lora_B all zeros "
+            "(folded away by the exporter)?"
+        )
+
+
+def annotate_sites(model: ir.Model, sites: list[LoraSite]) -> None:
+    """Write module/adapter/role metadata on every node of every site."""
+    nodes = {n.name: n for n in model.graph}
+    for site in sites:
+        roles = [("lora_A", site.a_node), ("lora_B", site.b_node), ("lora_scale", site.scale_node), ("lora_add", site.add_node)]
+        for role, node_name in roles:
+            node = nodes.get(node_name) if node_name else None
+            if node is None:
+                continue
+            node.metadata_props[META_MODULE] = site.module
+            node.metadata_props[META_ADAPTER] = site.adapter
+            node.metadata_props[META_ROLE] = role
+        base = nodes.get(site.base_node)
+        if base is not None:
+            base.metadata_props[META_MODULE] = site.module
+            base.metadata_props[META_ROLE] = "base"
+
+
+def _save(model: ir.Model, path: Path, external_data: bool | None) -> str | None:
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    use_external = external_data if external_data is not None else total > _PROTOBUF_LIMIT
+    data_name = f"{path.name}.data" if use_external else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        ir.save(model, tmp / path.name, external_data=data_name)
+        if data_name:
+            os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_name
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not line.startswith("["):
+            return line[:300]
+    return type(exc).__name__

@@ -1,0 +1,415 @@
+"""Find LoRA sites in any ONNX graph by structure.
+
+A site is matched from its ``Add`` backwards::
+
+    x ──> base op (MatMul | Gemm | Conv | Gather | MatMulNBits) [──> Add(bias)] ──┐
+    │                                                                           Add ──> y
+    └──> A op (MatMul | Gemm | Conv | Gather) ──> B op (MatMul | Gemm | Conv) ──┘
+                     [Mul(scale) before or after B, or folded into B]
+
+Between the parts we step over ops that do not change what a tensor means (Identity, Cast,
+Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Dropout). Weights may be initializers, Constant
+nodes or graph inputs, possibly behind Transpose/Cast/DequantizeLinear. The A op and the base op
+must read the same input ``x``, A and B must agree on the rank, and the rank must be at most the
+layer's in/out features: a factorized layer without an Add to a base path is not a site.
+
+Names only label a site: PEFT weight names first, then node metadata (ours or torch.onnx's
+name scopes), then the base weight's name; with no names at all sites are labeled by position.
+Several adapters on one layer are chained Adds; each becomes its own site sharing ``base_node``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_tools._io import load_model
+from graph_tools.lora import naming
+from graph_tools.lora.site import Dim, LoraSite
+
+__all__ = ["find_lora_sites", "META_MODULE", "META_ADAPTER", "META_ROLE"]
+
+logger = logging.getLogger(__name__)
+
+META_MODULE = "lora_onnx.module"
+META_ADAPTER = "lora_onnx.adapter"
+META_ROLE = "lora_onnx.role"
+
+_PASSTHROUGH = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Dropout"})
+_WEIGHT_PASSTHROUGH = frozenset({"Identity", "Cast", "Transpose", "DequantizeLinear", "Reshape"})
+_BASE_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather", "MatMulNBits"})
+_A_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
+_B_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+_MAX_STEPS = 16
+
+
+@dataclasses.dataclass
+class _Weight:
+    source: ir.Value
+    perm: tuple[int, ...] | None
+    shape: tuple[Dim, ...] | None  # shape as the consuming op sees it
+
+
+def find_lora_sites(model_or_path: ir.Model | str | os.PathLike) -> list[LoraSite]:
+    """Return every LoRA site of a model (an ``ir.Model`` or a path), in graph order."""
+    model = load_model(model_or_path)
+    return _Detector(model.graph).run()
+
+
+class _Detector:
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.site_of_add: dict[ir.Value, tuple[ir.Node, int]] = {}  # add output -> (base node, branches)
+
+    def run(self) -> list[LoraSite]:
+        sites: list[LoraSite] = []
+        for node in self.graph:
+            if node.op_type not in ("Add", "Sum") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            site = self._match_add(node)
+            if site is not None:
+                sites.append(site)
+        logger.info("found %d LoRA sites", len(sites))
+        return sites
+
+    # -- matching ---------------------------------------------------------------------------
+    def _match_add(self, add: ir.Node) -> LoraSite | None:
+        p, q = add.inputs
+        if p is None or q is None:
+            return None
+        for base_side, branch_side in ((p, q), (q, p)):
+            branch = self._match_branch(branch_side)
+            if branch is None:
+                continue
+            base = self._match_base(base_side)
+            if base is None:
+                continue
+            base_node, prior = base
+            a_node, a_w, b_node, b_w, scale, scale_node, scale_value, x_root = branch
+            if _strip(_data_input(base_node)) is not x_root:
+                continue
+            shapes = _site_shapes(a_node, a_w, b_node, b_w)
+            if shapes is None:
+                continue
+            kind, rank, in_f, out_f = shapes
+            if not _plausible(rank, in_f, out_f, base_node):
+                continue
+            self.site_of_add[add.outputs[0]] = (base_node, prior + 1)
+            module, adapter, labeled_by = _label(a_node, a_w, b_w, base_node, prior)
+            return LoraSite(
+                module=module,
+                adapter=adapter,
+                kind=kind,
+                rank=rank,
+                in_features=in_f,
+                out_features=out_f,
+                lora_a=a_w.source.name,
+                lora_b=b_w.source.name,
+                lora_a_perm=a_w.perm,
+                lora_b_perm=b_w.perm,
+                scale=scale,
+                scale_value=scale_value,
+                scale_node=scale_node,
+                base_node=base_node.name,
+                add_node=add.name,
+                a_node=a_node.name,
+                b_node=b_node.name,
+                base_weight=_base_weight_name(base_node),
+                labeled_by=labeled_by,
+            )
+        return None
+
+    def _match_branch(self, value: ir.Value):
+        scale: float | str = 1.0
+        scale_node = scale_value = None
+        value, s = _strip_scales(value)
+        if s:
+            scale, scale_node, scale_value = _combine(scale, s)
+        b_node = value.producer()
+        if b_node is None or b_node.op_type not in _B_OPS or b_node.domain not in ("", "ai.onnx"):
+            return None
+        b_w = _weight_of(b_node)
+        if b_w is None:
+            return None
+        inner, s = _strip_scales(_data_input(b_node))
+        if s:
+            if scale_node is not None:
+                # scales on both sides of B: combine when both are constants
+                if isinstance(scale, str) or any(isinstance(f, str) for f, _, _ in s):
+                    return None
+            scale, scale_node2, scale_value2 = _combine(scale, s)
+            scale_node = scale_node or scale_node2
+            scale_value = scale_value or scale_value2
+        a_node = inner.producer()
+        if a_node is None or a_node.op_type not in _A_OPS or a_node.domain not in ("", "ai.onnx"):
+            return None
+        a_w = _weight_of(a_node)
+        if a_w is None:
+            return None
+        x_root = _strip(_data_input(a_node))
+        return a_node, a_w, b_node, b_w, scale, scale_node, scale_value, x_root
+
+    def _match_base(self, value: ir.Value) -> tuple[ir.Node, int] | None:
+        for _ in range(_MAX_STEPS):
+            if value in self.site_of_add:
+                return self.site_of_add[value]
+            node = value.producer()
+            if node is None:
+                return None
+            if node.op_type in _BASE_OPS and _weight_of(node) is not None:
+                return node, 0
+            if node.op_type in _PASSTHROUGH and node.inputs and node.inputs[0] is not None:
+                value = node.inputs[0]
+                continue
+            if node.op_type == "Add" and len(node.inputs) == 2:  # bias
+                a, b = node.inputs
+                if b is not None and _weight_source(b) is not None:
+                    value = a
+                    continue
+                if a is not None and _weight_source(a) is not None:
+                    value = b
+                    continue
+            return None
+        return None
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _data_input(node: ir.Node) -> ir.Value | None:
+    if node.op_type == "Gather":
+        return node.inputs[1]
+    return node.inputs[0]
+
+
+def _weight_input(node: ir.Node) -> ir.Value | None:
+    if node.op_type == "Gather":
+        return node.inputs[0]
+    return node.inputs[1] if len(node.inputs) > 1 else None
+
+
+def _strip(value: ir.Value | None) -> ir.Value | None:
+    for _ in range(_MAX_STEPS):
+        if value is None:
+            return None
+        node = value.producer()
+        if node is None or node.op_type not in _PASSTHROUGH or not node.inputs:
+            return value
+        value = node.inputs[0]
+    return value
+
+
+def _weight_source(value: ir.Value | None) -> _Weight | None:
+    """Follow a weight operand back to an initializer, Constant or graph input."""
+    perm: list[int] | None = None
+    for _ in range(_MAX_STEPS):
+        if value is None:
+            return None
+        if value.is_initializer() or value.is_graph_input() or value.const_value is not None:
+            shape = _dims(value)
+            if perm is not None and shape is not None and len(perm) == len(shape):
+                shape = tuple(shape[i] for i in perm)
+            return _Weight(value, tuple(perm) if perm is not None else None, shape)
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            value = node.outputs[0]
+            if value.const_value is None:
+                attr = node.attributes.get("value")
+                if attr is None:
+                    return None
+                value.const_value = attr.as_tensor()
+            continue
+        if node.op_type not in _WEIGHT_PASSTHROUGH or not node.inputs:
+            return None
+        if node.op_type == "Transpose":
+            p = node.attributes.get_ints("perm", None)
+            if p is None:
+                return None
+            p = list(p)
+            # composing: out = transpose(in, p); accumulated perm maps source dims to final dims
+            perm = p if perm is None else [p[i] for i in perm]
+        elif node.op_type == "Reshape":
+            return None if _dims(node.outputs[0]) is None else _reshape_weight(node, perm)
+        value = node.inputs[0]
+    return None
+
+
+def _reshape_weight(node: ir.Node, perm) -> _Weight | None:
+    src = _weight_source(node.inputs[0])
+    if src is None or perm is not None:
+        return None
+    return _Weight(src.source, src.perm, _dims(node.outputs[0]))
+
+
+def _weight_of(node: ir.Node) -> _Weight | None:
+    w = _weight_source(_weight_input(node))
+    if w is None:
+        return None
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) and w.shape is not None and len(w.shape) == 2:
+        w = _Weight(w.source, w.perm, (w.shape[1], w.shape[0]))
+    return w
+
+
+def _dims(value: ir.Value) -> tuple[Dim, ...] | None:
+    shape = value.shape
+    if shape is None and value.const_value is not None:
+        shape = value.const_value.shape
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in shape)
+
+
+def _scalar(value: ir.Value) -> float | str | None:
+    """A scale operand: a float for size-1 constants, the name for size-1 graph inputs."""
+    w = _weight_source(value)
+    if w is None:
+        return None
+    src = w.source
+    shape = _dims(src)
+    if shape is not None and any(d not in (1,) for d in shape):
+        return None
+    if src.const_value is not None and not src.is_graph_input():
+        arr = src.const_value.numpy()
+        if arr.size != 1 or not np.issubdtype(arr.dtype, np.floating):
+            return None
+        return float(arr.reshape(()))
+    if shape is None:
+        return None
+    return src.name
+
+
+def _strip_scales(value: ir.Value | None):
+    """Step back over passthrough ops and Mul/Div by scalars; return (value, [(factor, node, value_name)])."""
+    found: list[tuple[float | str, str, str | None]] = []
+    for _ in range(_MAX_STEPS):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return value, found
+        if node.op_type in _PASSTHROUGH and node.op_type != "Transpose" and node.inputs:
+            value = node.inputs[0]
+            continue
+        matched = _match_scale_node(node) if node.op_type in ("Mul", "Div") else None
+        if matched is None:
+            return value, found
+        value, factor, factor_value = matched
+        found.append((factor, node.name, factor_value.name if _is_named_scale(factor_value) else None))
+    return value, found
+
+
+def _match_scale_node(node: ir.Node):
+    if len(node.inputs) != 2 or None in node.inputs:
+        return None
+    a, b = node.inputs
+    orders = ((a, b), (b, a)) if node.op_type == "Mul" else ((a, b),)
+    for data, factor_value in orders:
+        s = _scalar(factor_value)
+        if s is None:
+            continue
+        if node.op_type == "Div":
+            if isinstance(s, str) or s == 0:
+                return None
+            s = 1.0 / s
+        return data, s, factor_value
+    return None
+
+
+def _is_named_scale(value: ir.Value) -> bool:
+    w = _weight_source(value)
+    return w is not None and (w.source.is_initializer() or w.source.is_graph_input())
+
+
+def _combine(scale: float | str, found) -> tuple[float | str, str | None, str | None]:
+    node = value_name = None
+    for factor, node_name, vname in found:
+        node = node or node_name
+        value_name = value_name or vname
+        if isinstance(factor, str) or isinstance(scale, str):
+            scale = factor if isinstance(factor, str) else scale
+        else:
+            scale = scale * factor
+    return scale, node, value_name
+
+
+def _site_shapes(a_node, a_w: _Weight, b_node, b_w: _Weight):
+    a_shape, b_shape = a_w.shape, b_w.shape
+    if a_shape is None or b_shape is None:
+        return None
+    op = a_node.op_type
+    if op == "Gather":
+        if len(a_shape) != 2 or b_node.op_type not in ("MatMul", "Gemm") or len(b_shape) != 2:
+            return None
+        kind, in_f, rank_a = "embedding", a_shape[0], a_shape[1]
+        rank_b, out_f = b_shape
+    elif op == "Conv":
+        if b_node.op_type != "Conv" or len(a_shape) < 3 or len(b_shape) < 3:
+            return None
+        groups = a_node.attributes.get_int("group", 1)
+        kind, rank_a = "conv", a_shape[0]
+        in_f = a_shape[1] * groups if isinstance(a_shape[1], int) else a_shape[1]
+        out_f, rank_b = b_shape[0], b_shape[1]
+    else:
+        if b_node.op_type not in ("MatMul", "Gemm") or len(a_shape) != 2 or len(b_shape) != 2:
+            return None
+        kind, (in_f, rank_a), (rank_b, out_f) = "linear", a_shape, b_shape
+    if isinstance(rank_a, int) and isinstance(rank_b, int) and rank_a != rank_b:
+        return None
+    rank = rank_a if rank_a is not None else rank_b
+    if rank == 0:
+        rank = rank_b
+    return kind, rank, in_f, out_f
+
+
+def _plausible(rank: Dim, in_f: Dim, out_f: Dim, base_node: ir.Node) -> bool:
+    if isinstance(rank, int):
+        for feat in (in_f, out_f):
+            if isinstance(feat, int) and rank > feat:
+                return False
+    base_out = _dims(base_node.outputs[0])
+    if base_out and isinstance(out_f, int) and base_node.op_type != "Conv":
+        last = base_out[-1]
+        if isinstance(last, int) and last != out_f:
+            return False
+    return True
+
+
+def _base_weight_name(node: ir.Node) -> str | None:
+    w = _weight_of(node)
+    return w.source.name if w is not None else None
+
+
+def _label(a_node: ir.Node, a_w: _Weight, b_w: _Weight, base_node: ir.Node, prior: int) -> tuple[str, str, str]:
+    for name in (a_w.source.name, b_w.source.name):
+        parsed = naming.parse_lora_weight_name(name or "")
+        if parsed is not None:
+            return parsed[0], parsed[1], "names"
+    meta = a_node.metadata_props
+    if META_MODULE in meta and META_ADAPTER in meta:
+        return meta[META_MODULE], meta[META_ADAPTER], "metadata"
+    scopes = meta.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        for scope in _parse_scope_list(scopes):
+            parsed = naming.parse_scope(scope)
+            if parsed is not None:
+                return parsed[0], parsed[1], "metadata"
+    adapter = f"adapter_{prior}"
+    base_w = _base_weight_name(base_node)
+    if base_w:
+        module = naming.module_from_base_weight(base_w)
+        if module:
+            return module, adapter, "names"
+    return base_node.name or f"site_{id(base_node)}", adapter, "structure"
+
+
+def _parse_scope_list(text: str) -> Iterable[str]:
+    import ast
+
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return []
+    return reversed([s for s in scopes if isinstance(s, str)])
