@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from graph_tools.errors import ExternalDataError, ModelLoadError
 
-__all__ = ["load_model", "check_external_data", "atomic_output", "atomic_file"]
+__all__ = ["load_model", "check_external_data", "atomic_output", "atomic_file", "save_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,28 @@ def atomic_file(destination: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
     try:
         yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dest)
+
+
+def save_model(model: ir.Model, out_path: str | os.PathLike, *, external_data: bool = True) -> Path:
+    """Save ``model`` to ``out_path`` (weights in ``<name>.data``) via a temp folder + rename."""
+    out = Path(out_path).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = f"{out.name}.data" if external_data else None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        ir.save(model, tmp / out.name, external_data=data)
+        if data and (tmp / data).exists():
+            os.replace(tmp / data, out.parent / data)
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

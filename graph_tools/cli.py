@@ -89,6 +89,67 @@ def _cmd_export_demo(args) -> int:
     return 0 if err <= 1e-4 else 1
 
 
+def _cmd_extract(args) -> int:
+    from graph_tools.adapters.package import extract_adapters
+
+    _say(args, f"extracting adapters from {args.model} ...")
+    package = extract_adapters(args.model, args.output, mode=args.mode, format=args.format, pack=args.pack, max_rank=args.max_rank)
+    m = package.manifest
+    print(f"package {package.path}: mode={m.mode} pack={m.pack} slots={len(m.slots)} modules={len({s.site for s in m.slots})}")
+    for a in m.adapters:
+        size = (package.path / a.file).stat().st_size
+        ranks = sorted(set(a.rank.values())) if isinstance(a.rank, dict) else [a.rank]
+        print(f"  adapter {a.name}: {a.file} ({size / 1024:.1f} KiB), modules={len(a.scale)}, ranks={ranks}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from graph_tools.adapters.convert import convert_peft_adapter
+
+    path = convert_peft_adapter(args.peft_dir, args.package, name=args.name)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import numpy as np
+
+    from graph_tools.runtime.session import AdapterSession
+
+    try:
+        data = np.load(args.feeds)
+    except (OSError, ValueError) as exc:
+        raise LoraOnnxError(f"{args.feeds}: cannot read feeds (.npz expected): {exc}") from None
+    feeds = {k: data[k] for k in data.files}
+    session = AdapterSession(args.package)
+    adapter = None
+    if args.adapter:
+        parts = [a.split("=", 1) for a in args.adapter]
+        adapter = parts[0][0] if len(parts) == 1 and len(parts[0]) == 1 else {p[0]: float(p[1]) if len(p) > 1 else 1.0 for p in parts}
+    outputs = session.run(None, feeds, adapter=adapter)
+    names = [o.name for o in session.get_outputs()]
+    if args.output:
+        np.savez(args.output, **dict(zip(names, outputs)))
+        print(f"wrote {args.output}")
+    for n, o in zip(names, outputs):
+        print(f"{n}: shape={list(o.shape)} dtype={o.dtype} mean={float(np.mean(o)):.6g} absmax={float(np.max(np.abs(o))):.6g}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from graph_tools.passes.merge import merge_adapter
+
+    print(f"wrote {merge_adapter(args.package, args.adapter, args.output)}")
+    return 0
+
+
+def _cmd_strip(args) -> int:
+    from graph_tools.passes.strip import strip_adapters
+
+    print(f"wrote {strip_adapters(args.model, args.output)}")
+    return 0
+
+
 def _say(args, text: str) -> None:
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
@@ -103,6 +164,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX model file (or a package folder holding model.onnx)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("extract", help="turn a LoRA ONNX model into an adapter package")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="package folder to write")
+    p.add_argument("--mode", choices=["inputs", "external"], default="inputs")
+    p.add_argument("--format", choices=["onnx_adapter", "safetensors"], default="onnx_adapter")
+    p.add_argument("--pack", action="store_true", help="pack slots of the same shape into few inputs")
+    p.add_argument("--max-rank", type=int, default=None, help="fixed-shape slots zero-padded to this rank")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("convert", help="convert a PEFT adapter folder into an adapter file of a package")
+    p.add_argument("peft_dir")
+    p.add_argument("--package", required=True)
+    p.add_argument("--name", default=None)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("run", help="run a package with an adapter on feeds from a .npz file")
+    p.add_argument("package")
+    p.add_argument("--adapter", action="append", help="adapter name; repeat (NAME=WEIGHT) for several at once")
+    p.add_argument("--feeds", required=True, help=".npz with one array per model input")
+    p.add_argument("-o", "--output", default=None, help="write outputs to this .npz")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("merge", help="fold one adapter into the base weights (plain ONNX model)")
+    p.add_argument("package")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("strip", help="remove every LoRA branch (the base model)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_strip)
 
     p = sub.add_parser("demo", help="export + inspect + verify the built-in tiny PEFT model")
     p.add_argument("-o", "--output", default="lora-onnx-demo", help="output folder (default: %(default)s)")

@@ -1,0 +1,134 @@
+"""Slot tensors for one adapter, several at once (rank concatenation), fixed-rank padding and
+packing. The one place that knows how adapter weights map onto slot values."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from graph_tools.errors import AdapterError
+
+__all__ = ["SiteWeights", "slot_tensors", "compose", "pack_tensors", "unpack_tensors", "weights_from_slot_tensors"]
+
+#: per module: (A [r, ...] in PEFT layout, B [out, r, ...], scale)
+SiteWeights = Mapping[str, tuple[np.ndarray, np.ndarray, float]]
+
+
+def slot_tensors(slots: Iterable, weights: SiteWeights, *, weight: float = 1.0) -> dict[str, np.ndarray]:
+    """Slot values for one adapter (see :func:`compose`)."""
+    return compose(slots, [(weights, weight)])
+
+
+def compose(slots: Iterable, adapters: list[tuple[SiteWeights, float]]) -> dict[str, np.ndarray]:
+    """Feed values for every slot from several adapters active at once.
+
+    ``slots``: manifest ``SlotSpec``s (name, shape, dtype, site, role). A's are concatenated along
+    rank, B's likewise, the per-rank scale vector holds ``scale * weight`` of each adapter. Modules
+    an adapter does not touch contribute rank 0. Fixed-rank slots are zero-padded; a combined rank
+    above the fixed rank is an error.
+    """
+    by_module: dict[str, dict[str, object]] = {}
+    for slot in slots:
+        by_module.setdefault(slot.site, {})[slot.role] = slot
+    feed: dict[str, np.ndarray] = {}
+    for module, roles in by_module.items():
+        a_spec, b_spec, s_spec = roles["lora_A"], roles["lora_B"], roles["lora_scale"]
+        dtype = np.dtype(_np_dtype(a_spec.dtype))
+        a_parts, b_parts, s_parts = [], [], []
+        for weights, factor in adapters:
+            if module not in weights:
+                continue
+            a, b, scale = weights[module]
+            rank = a.shape[0]
+            if b.shape[1] != rank:
+                raise AdapterError(f"{module}: lora_A has rank {rank} but lora_B has rank {b.shape[1]}")
+            a_parts.append(np.asarray(a, dtype))
+            b_parts.append(np.asarray(b, dtype))
+            s_parts.append(np.full((rank,), scale * factor, dtype))
+        fixed = a_spec.shape[0] if isinstance(a_spec.shape[0], int) else None
+        a_tail = [int(d) for d in a_spec.shape[1:]]
+        b_out, b_tail = int(b_spec.shape[0]), [int(d) for d in b_spec.shape[2:]]
+        a = np.concatenate(a_parts, 0) if a_parts else np.zeros([0, *a_tail], dtype)
+        b = np.concatenate(b_parts, 1) if b_parts else np.zeros([b_out, 0, *b_tail], dtype)
+        s = np.concatenate(s_parts, 0) if s_parts else np.zeros([0], dtype)
+        if list(a.shape[1:]) != a_tail:
+            raise AdapterError(f"{a_spec.name}: expected shape [r, {', '.join(map(str, a_tail))}], got {list(a.shape)}")
+        if b.shape[0] != b_out or list(b.shape[2:]) != b_tail:
+            raise AdapterError(f"{b_spec.name}: expected shape [{b_out}, r, {', '.join(map(str, b_tail))}], got {list(b.shape)}".replace(", ]", "]"))
+        if fixed is not None:
+            rank = a.shape[0]
+            if rank > fixed:
+                raise AdapterError(f"{module}: rank {rank} exceeds the package's fixed rank {fixed}")
+            a = np.concatenate([a, np.zeros([fixed - rank, *a_tail], dtype)], 0)
+            b = np.concatenate([b, np.zeros([b_out, fixed - rank, *b_tail], dtype)], 1)
+            s = np.concatenate([s, np.zeros([fixed - rank], dtype)], 0)
+        feed[a_spec.name] = np.ascontiguousarray(a)
+        feed[b_spec.name] = np.ascontiguousarray(b)
+        feed[s_spec.name] = np.ascontiguousarray(s)
+    return feed
+
+
+def pack_tensors(packs: list[dict], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stack slot values into packed inputs (``packs``: manifest entries with name and members)."""
+    out = dict(feed)
+    for pack in packs:
+        members = pack["members"]
+        out[pack["name"]] = np.stack([feed[m] for m in members], 0)
+        for m in members:
+            out.pop(m, None)
+    return out
+
+
+def unpack_tensors(packs: list[dict], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = dict(feed)
+    for pack in packs:
+        if pack["name"] not in out:
+            continue
+        stacked = out.pop(pack["name"])
+        for i, m in enumerate(pack["members"]):
+            out[m] = stacked[i]
+    return out
+
+
+def _np_dtype(name: str):
+    if name in ("bfloat16",):
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def weights_from_slot_tensors(slots, tensors: Mapping[str, np.ndarray], path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Slot tensors of one adapter -> {module: (A, B, scale)} with zero padding removed."""
+    by_module: dict[str, dict[str, object]] = {}
+    for slot in slots:
+        by_module.setdefault(slot.site, {})[slot.role] = slot
+    out = {}
+    for module, roles in by_module.items():
+        names = [roles[r].name for r in ("lora_A", "lora_B", "lora_scale")]
+        present = [n in tensors for n in names]
+        if not any(present):
+            continue
+        if not all(present):
+            missing = names[present.index(False)]
+            raise AdapterError(f"{path}: missing tensor {missing!r} (its A/B/scale partners are present)")
+        a, b, s = (np.asarray(tensors[n]) for n in names)
+        _check_shape(roles["lora_A"], a, path)
+        _check_shape(roles["lora_B"], b, path)
+        _check_shape(roles["lora_scale"], s, path)
+        for n, t in zip(names, (a, b, s)):
+            if np.issubdtype(t.dtype, np.floating) and not np.all(np.isfinite(t)):
+                raise AdapterError(f"{path}: tensor {n!r} holds NaN or Inf")
+        rank = int(np.count_nonzero(s))
+        if rank == 0:
+            continue
+        if np.any(s[rank:]) or not np.allclose(s[:rank], s[0]):
+            raise AdapterError(f"{path}: scale {names[2]!r} is not one value over the leading rank rows")
+        out[module] = (a[:rank], b[:, :rank], float(s[0]))
+    return out
+
+
+def _check_shape(spec, array: np.ndarray, path) -> None:
+    if len(spec.shape) != array.ndim or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
+        raise AdapterError(f"{path}: tensor {spec.name!r} has shape {list(array.shape)}, slot expects {list(spec.shape)}")

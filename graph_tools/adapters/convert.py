@@ -1,0 +1,59 @@
+"""``convert_peft_adapter``: a PEFT ``save_pretrained`` folder -> an adapter file of an existing
+package, without re-exporting. PEFT names map onto slot names (slots hold PEFT's layout), the
+scale follows PEFT's rule (alpha/r, rsLoRA alpha/sqrt(r), rank/alpha patterns), ranks are padded
+for fixed-rank packages and every shape is checked against the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from graph_tools.adapters import files, manifest as mf
+from graph_tools.adapters.compose import pack_tensors, slot_tensors
+from graph_tools.adapters.package import load_package
+from graph_tools.adapters.peft_checkpoint import read_peft_adapter
+from graph_tools.errors import AdapterError
+from graph_tools.lora.naming import PEFT_PREFIX
+
+__all__ = ["convert_peft_adapter"]
+
+logger = logging.getLogger(__name__)
+
+
+def convert_peft_adapter(peft_adapter_dir: str | os.PathLike, package_dir: str | os.PathLike, *, name: str | None = None) -> Path:
+    """Write ``<package>/adapters/<name>.<ext>`` from a PEFT adapter folder; returns its path."""
+    package = load_package(package_dir)
+    source = Path(peft_adapter_dir)
+    name = name or source.resolve().name
+    if not name or "/" in name or name.startswith("."):
+        raise AdapterError(f"invalid adapter name {name!r}")
+    checkpoint = read_peft_adapter(source)
+    slot_modules = {s.site for s in package.manifest.slots}
+    weights = {}
+    for module, site in checkpoint.sites().items():
+        if module not in slot_modules:
+            raise AdapterError(
+                f"{source}: tensor {PEFT_PREFIX}{module}.lora_A.weight has no slot in the package "
+                f"(the package was extracted from a model without LoRA on {module!r})"
+            )
+        weights[module] = (site.lora_A, site.lora_B, float(site.scale))
+    if not weights:
+        raise AdapterError(f"{source}: no LoRA weights found")
+    tensors = slot_tensors(package.manifest.slots, weights)
+    packs = list((package.manifest.extra or {}).get("packs") or [])
+    if packs:
+        tensors = pack_tensors(packs, tensors)
+    fmt = package.manifest.adapters[0].format if package.manifest.adapters else (package.manifest.extra or {}).get("format", "onnx_adapter")
+    rel = f"adapters/{name}{files.ADAPTER_SUFFIX[fmt]}"
+    path = files.write_adapter(package.path / rel, tensors, format=fmt, metadata={"adapter": name, "source": str(source)})
+    spec = mf.AdapterSpec(
+        name=name, file=rel, rank={m: int(w[0].shape[0]) for m, w in weights.items()},
+        alpha=checkpoint.config.get("lora_alpha"), scale={m: w[2] for m, w in weights.items()},
+        source=str(source), format=fmt,
+    )
+    adapters = [a for a in package.manifest.adapters if a.name != name] + [spec]
+    mf.write_manifest(package.path / "manifest.json", dataclasses.replace(package.manifest, adapters=adapters))
+    logger.info("converted %s -> %s (%d modules)", source, path, len(weights))
+    return Path(path)

@@ -1,0 +1,268 @@
+"""Turn every LoRA site into adapter-independent *slots*.
+
+Before (per module, one branch per adapter, weights baked in)::
+
+    x ─> base ──────────────────────────────> Add ─> Add ─> y
+    └──> A_default ─> B_default ─> Mul(s) ─────┘      │
+    └──> A_second ─> B_second ─> Mul(s) ──────────────┘
+
+After (one branch per module; A, B and the per-rank scale are graph inputs)::
+
+    x ─> base ──────────────────────────────────────────────> Add ─> y
+    └──> op_A(x, Transpose(A_slot)) ─> Mul(scale_slot) ─> op_B(., Transpose(B_slot)) ┘
+
+Slots hold PEFT's parameter layout (``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]; conv
+kernels as-is; embeddings ``lora_embedding_A`` [r, num], ``lora_embedding_B`` [dim, r]) and are
+named as PEFT names them in ``adapter_model.safetensors``; the scale slot is ``<module>.lora_scale``
+with one entry per rank row, so several adapters run at once by concatenating along rank. Each
+slot gets a default initializer of rank 0 (or zeros at a fixed rank), so the graph runs as the
+base model when nothing is fed. Every site's rank axis has its own dimension name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_tools.errors import AdapterError, NoLoraError
+from graph_tools.lora import LoraSite
+from graph_tools.lora.naming import PEFT_PREFIX
+from graph_tools.passes._weights import materialize, to_peft_layout
+
+__all__ = ["SlotGroup", "plan_slots", "read_adapter_weights", "ReplaceLoraWithSlotsPass", "slot_names"]
+
+logger = logging.getLogger(__name__)
+
+SLOT_LAYOUT = "peft"
+
+
+@dataclasses.dataclass
+class SlotGroup:
+    """One adapted module and the slots it gets."""
+
+    module: str
+    kind: str
+    in_features: int
+    out_features: int
+    sites: list[LoraSite]
+    dtype: ir.DataType
+    a_name: str
+    b_name: str
+    scale_name: str
+    a_shape: list[int | str]  # PEFT layout with the rank axis as an int (fixed) or a dim name
+    b_shape: list[int | str]
+    scale_shape: list[int | str]
+    rank_axis_a: int
+    rank_axis_b: int
+    rank: int | str  # fixed rank, or the dim name of a dynamic rank
+
+    @property
+    def slot_names(self) -> tuple[str, str, str]:
+        return self.a_name, self.b_name, self.scale_name
+
+
+def slot_names(module: str, kind: str) -> tuple[str, str, str]:
+    prefix = f"{PEFT_PREFIX}{module}"
+    if kind == "embedding":
+        return f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B", f"{prefix}.lora_scale"
+    return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", f"{prefix}.lora_scale"
+
+
+def plan_slots(model: ir.Model, sites: list[LoraSite], *, fixed_ranks: dict[str, int] | None = None) -> list[SlotGroup]:
+    """Group sites by module and decide each slot's name, shape and dtype.
+
+    ``fixed_ranks`` maps module -> rank for fixed-shape slots; modules absent get a dynamic rank.
+    """
+    if not sites:
+        raise NoLoraError("the model has no LoRA sites")
+    nodes = {n.name: n for n in model.graph}
+    by_module: dict[str, list[LoraSite]] = {}
+    for site in sites:
+        by_module.setdefault(site.module, []).append(site)
+    groups = []
+    for module, module_sites in by_module.items():
+        first = module_sites[0]
+        if not isinstance(first.in_features, int) or not isinstance(first.out_features, int):
+            raise AdapterError(f"module {module!r}: in/out features are not static ({first.in_features}, {first.out_features})")
+        a_node = nodes[first.a_node]
+        weight = a_node.inputs[0] if a_node.op_type == "Gather" else a_node.inputs[1]
+        dtype = weight.dtype if weight is not None and weight.dtype is not None else ir.DataType.FLOAT
+        rank: int | str = (fixed_ranks or {}).get(module, f"lora_r.{module}")
+        if first.kind == "conv":
+            a_kernel = list(_effective_shape(a_node, weight))[1:]
+            b_node = nodes[first.b_node]
+            b_kernel = list(_effective_shape(b_node, b_node.inputs[1]))[2:]
+            a_shape = [rank, *a_kernel]
+            b_shape = [first.out_features, rank, *b_kernel]
+        else:
+            a_shape = [rank, first.in_features]
+            b_shape = [first.out_features, rank]
+        a_name, b_name, s_name = slot_names(module, first.kind)
+        groups.append(
+            SlotGroup(module, first.kind, first.in_features, first.out_features, module_sites, dtype,
+                      a_name, b_name, s_name, a_shape, b_shape, [rank], 0, 1, rank)
+        )
+    return groups
+
+
+def _effective_shape(node: ir.Node, weight: ir.Value | None) -> tuple:
+    if weight is None or weight.shape is None:
+        raise AdapterError(f"node {node.name!r}: weight shape unknown")
+    return tuple(weight.shape)
+
+
+def read_adapter_weights(model: ir.Model, groups: list[SlotGroup]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]]:
+    """``{adapter: {module: (A, B, scale)}}`` in PEFT layout, read from the graph (LoRA bytes only)."""
+    nodes = {n.name: n for n in model.graph}
+    values = _value_index(model.graph)
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
+    for group in groups:
+        for site in group.sites:
+            a = _effective_weight(nodes[site.a_node])
+            b = _effective_weight(nodes[site.b_node])
+            scale = site.scale
+            if isinstance(scale, str):
+                value = values.get(scale)
+                if value is None or value.const_value is None:
+                    raise AdapterError(f"site {site.module!r}/{site.adapter!r}: scale {scale!r} has no value in the graph")
+                scale = float(value.const_value.numpy().reshape(-1)[0])
+            out.setdefault(site.adapter, {})[group.module] = (
+                to_peft_layout(group.kind, "A", a), to_peft_layout(group.kind, "B", b), float(scale)
+            )
+    return out
+
+
+def _effective_weight(node: ir.Node) -> np.ndarray:
+    weight = node.inputs[0] if node.op_type == "Gather" else node.inputs[1]
+    array = materialize(weight)
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        array = array.T
+    return array
+
+
+def _value_index(graph: ir.Graph) -> dict[str, ir.Value]:
+    index = {v.name: v for v in graph.inputs}
+    index.update(graph.initializers)
+    return index
+
+
+class ReplaceLoraWithSlotsPass(ir.passes.InPlacePass):
+    """Replace each module's LoRA branches by one branch reading slot values.
+
+    Attributes:
+        groups: the plan from :func:`plan_slots`.
+        as_inputs: slots become graph inputs with default initializers (``inputs`` mode); else
+            plain initializers (``external`` mode, values supplied at session creation).
+    """
+
+    def __init__(self, groups: list[SlotGroup], *, as_inputs: bool = True):
+        super().__init__()
+        self.groups = groups
+        self.as_inputs = as_inputs
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {n.name: n for n in graph}
+        old_lora_values: set[ir.Value] = set()
+        for group in self.groups:
+            self._rewrite_group(graph, nodes, group, old_lora_values)
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
+        # LoRA weights that were graph inputs (no longer used) leave the signature too
+        for value in list(graph.inputs):
+            if value in old_lora_values and not value.uses():
+                graph.inputs.remove(value)
+                if value.name in graph.initializers:
+                    del graph.initializers[value.name]
+        logger.info("replaced %d LoRA modules by slots", len(self.groups))
+        return ir.passes.PassResult(model, modified=bool(self.groups))
+
+    def _rewrite_group(self, graph: ir.Graph, nodes, group: SlotGroup, old_lora_values: set) -> None:
+        sites = group.sites
+        first_add = nodes[sites[0].add_node]
+        last_add = nodes[sites[-1].add_node]
+        a_node = nodes[sites[0].a_node]
+        b_node = nodes[sites[0].b_node]
+        x = a_node.inputs[1] if a_node.op_type == "Gather" else a_node.inputs[0]
+        base_out = _base_side(first_add, nodes[sites[0].b_node], sites[0])
+        for site in sites:
+            for n in (nodes[site.a_node], nodes[site.b_node]):
+                for v in n.inputs:
+                    if v is not None and v.is_graph_input():
+                        old_lora_values.add(v)
+        a_slot = self._slot(graph, group.a_name, group.a_shape, group.dtype)
+        b_slot = self._slot(graph, group.b_name, group.b_shape, group.dtype)
+        s_slot = self._slot(graph, group.scale_name, group.scale_shape, group.dtype)
+        tag = group.module
+        new_nodes: list[ir.Node] = []
+
+        def add(op, inputs, attributes=None, name=None):
+            node = ir.Node("", op, inputs, attributes=attributes or [], name=f"lora_slot/{tag}/{name or op}")
+            node.metadata_props["lora_onnx.module"] = group.module
+            node.metadata_props["lora_onnx.role"] = name or op
+            new_nodes.append(node)
+            return node.outputs[0]
+
+        if group.kind == "conv":
+            conv_attrs = [a for a in a_node.attributes.values() if a.name != "kernel_shape"]
+            after_a = add("Conv", [x, a_slot], conv_attrs, "lora_A")
+            ndim = len(group.a_shape) - 2
+            s_shape = add("Constant", [], [ir.AttrTensor("value", ir.tensor(np.array([-1] + [1] * ndim, np.int64)))], "scale_shape")
+            scale = add("Reshape", [s_slot, s_shape], name="scale_reshape")
+            scaled = add("Mul", [after_a, scale], name="lora_scale")
+            b_attrs = [a for a in b_node.attributes.values() if a.name != "kernel_shape"]
+            branch = add("Conv", [scaled, b_slot], b_attrs, "lora_B")
+        else:
+            perm = [ir.AttrInt64s("perm", [1, 0])]
+            a_t = add("Transpose", [a_slot], perm, "lora_A_T")
+            after_a = add("Gather", [a_t, x], name="lora_A") if group.kind == "embedding" else add("MatMul", [x, a_t], name="lora_A")
+            scaled = add("Mul", [after_a, s_slot], name="lora_scale")
+            b_t = add("Transpose", [b_slot], perm, "lora_B_T")
+            branch = add("MatMul", [scaled, b_t], name="lora_B")
+        out = add("Add", [base_out, branch], name="lora_add")
+        old_out = last_add.outputs[0]
+        graph.insert_after(last_add, new_nodes)
+        out_value_name = old_out.name
+        ir.convenience.replace_all_uses_with(old_out, out)
+        if old_out.is_graph_output():
+            idx = [i for i, o in enumerate(graph.outputs) if o is old_out]
+            for i in idx:
+                graph.outputs[i] = out
+        old_out.name = None
+        out.name = out_value_name
+        out.shape = old_out.shape
+        out.type = old_out.type
+
+    def _slot(self, graph: ir.Graph, name: str, shape: list[int | str], dtype: ir.DataType) -> ir.Value:
+        default_shape = [0 if isinstance(d, str) else d for d in shape]
+        default = ir.tensor(np.zeros(default_shape, dtype=dtype.numpy()), dtype=dtype, name=name)
+        if name in graph.initializers:
+            raise AdapterError(f"slot name {name!r} already exists in the graph")
+        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=default)
+        if self.as_inputs:
+            graph.inputs.append(value)
+        graph.register_initializer(value)
+        return value
+
+
+def _base_side(add: ir.Node, b_node: ir.Node, site: LoraSite) -> ir.Value:
+    """The Add input that is the base path (not the LoRA branch)."""
+    p, q = add.inputs
+    return p if _reaches(q, b_node) else q
+
+
+def _reaches(value: ir.Value, target: ir.Node, depth: int = 0) -> bool:
+    if value is None or depth > 20:
+        return False
+    node = value.producer()
+    if node is None:
+        return False
+    if node is target:
+        return True
+    if node.op_type in ("Add", "MatMul", "Gemm", "Conv", "Gather", "MatMulNBits"):
+        return False
+    return any(_reaches(v, target, depth + 1) for v in node.inputs)

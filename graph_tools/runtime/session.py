@@ -1,0 +1,181 @@
+"""``AdapterSession``: one ONNX Runtime session, the adapter chosen per run.
+
+* ``inputs`` packages: one ``InferenceSession``; each adapter's slot values are turned into
+  ``OrtValue``s once, when the adapter is loaded; a run feeds them with the user's inputs. Base
+  only = feed nothing (the slots' zero-rank defaults). Several adapters at once = their slots
+  concatenated along rank with per-adapter weights (cached per combination).
+* ``external`` packages: adapter values are supplied at session creation through
+  ``SessionOptions.add_external_initializers``; one session per adapter (created on first use),
+  sharing the base weights, which are read once from the memory-mapped data file.
+
+``run`` is thread-safe: ORT's ``run`` is, and the caches are filled under a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graph_tools.adapters import files
+from graph_tools.adapters.compose import compose, pack_tensors, unpack_tensors, weights_from_slot_tensors
+from graph_tools.adapters.package import load_package
+from graph_tools.errors import AdapterError
+
+__all__ = ["AdapterSession"]
+
+logger = logging.getLogger(__name__)
+
+AdapterChoice = str | Mapping[str, float] | None
+
+
+class AdapterSession:
+    """Serve every adapter of a package from one ORT session (see module docstring)."""
+
+    def __init__(self, package_dir: str | os.PathLike, *, providers: Sequence | None = None,
+                 session_options: ort.SessionOptions | None = None):
+        self.package = load_package(package_dir)
+        self.manifest = self.package.manifest
+        self._providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self._options = session_options
+        self._lock = threading.Lock()
+        self._slots = list(self.manifest.slots)
+        self._slot_names = {s.name for s in self._slots}
+        self._packs: list[dict] = list((self.manifest.extra or {}).get("packs") or [])
+        self._weights: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
+        self._feeds: dict[object, dict[str, ort.OrtValue]] = {}
+        self._sessions: dict[object, ort.InferenceSession] = {}
+        self._base_values: dict[str, ort.OrtValue] | None = None
+        self.external = self.manifest.mode == "external"
+        if not self.external:
+            self._session = ort.InferenceSession(str(self.package.model_path), self._session_options(), providers=self._providers)
+            self._input_names = {i.name for i in self._session.get_inputs()}
+        for spec in self.manifest.adapters:
+            self.load_adapter(spec.name, self.package.path / spec.file)
+
+    # -- adapters ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._weights)
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Read an adapter file, check it against the slots, prepare its values once."""
+        tensors = unpack_tensors(self._packs, files.read_adapter(Path(path)))
+        extra = sorted(set(tensors) - self._slot_names)
+        if extra:
+            raise AdapterError(f"{path}: tensor {extra[0]!r} is not a slot of this package")
+        weights = weights_from_slot_tensors(self._slots, tensors, path)
+        with self._lock:
+            self._weights[name] = weights
+            for key in [k for k in self._feeds if _mentions(k, name)]:
+                del self._feeds[key]
+            for key in [k for k in self._sessions if _mentions(k, name)]:
+                del self._sessions[key]
+
+    def _key(self, adapter: AdapterChoice):
+        if adapter is None:
+            return None
+        if isinstance(adapter, str):
+            if adapter not in self._weights:
+                raise AdapterError(f"unknown adapter {adapter!r}; loaded: {', '.join(self._weights) or 'none'}")
+            return ((adapter, 1.0),)
+        if isinstance(adapter, Mapping):
+            for a in adapter:
+                if a not in self._weights:
+                    raise AdapterError(f"unknown adapter {a!r}; loaded: {', '.join(self._weights) or 'none'}")
+            return tuple(sorted((a, float(w)) for a, w in adapter.items())) or None
+        raise AdapterError(f"adapter must be None, a name or a {{name: weight}} dict, not {type(adapter).__name__}")
+
+    def _slot_values(self, key) -> dict[str, np.ndarray]:
+        chosen = [(self._weights[a], w) for a, w in key] if key else []
+        values = compose(self._slots, chosen)
+        return pack_tensors(self._packs, values) if self._packs else values
+
+    def _feed_for(self, key) -> dict[str, ort.OrtValue]:
+        feed = self._feeds.get(key)
+        if feed is None:
+            with self._lock:
+                feed = self._feeds.get(key)
+                if feed is None:
+                    feed = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._slot_values(key).items()}
+                    self._feeds[key] = feed
+        return feed
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], adapter: AdapterChoice = None,
+            run_options: ort.RunOptions | None = None):
+        """Run with ``adapter``: ``None`` (base model), a name, or ``{name: weight, ...}``."""
+        key = self._key(adapter)
+        if self.external:
+            return self._external_session(key).run(output_names, dict(feeds), run_options)
+        bad = [n for n in feeds if n in self._slot_names or n not in self._input_names]
+        if bad:
+            raise AdapterError(f"feed {bad[0]!r} is not a model input of this package")
+        full = dict(feeds)
+        if key is not None:
+            full.update(self._feed_for(key))
+        return self._session.run(output_names, full, run_options)
+
+    def get_inputs(self):
+        session = self._session if not self.external else self._external_session(None)
+        return [i for i in session.get_inputs() if i.name not in self._slot_names and not i.name.startswith("lora_pack.")]
+
+    def get_outputs(self):
+        session = self._session if not self.external else self._external_session(None)
+        return session.get_outputs()
+
+    # -- external mode -------------------------------------------------------------------------
+    def _session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # slots are initializers that are also inputs: by design
+        if self._options is not None:
+            for attr in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
+                         "log_severity_level", "enable_cpu_mem_arena", "enable_mem_pattern"):
+                setattr(options, attr, getattr(self._options, attr))
+        return options
+
+    def _external_session(self, key) -> ort.InferenceSession:
+        session = self._sessions.get(key)
+        if session is not None:
+            return session
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                options = self._session_options()
+                values = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._slot_values(key).items()}
+                base = self._shared_base_values()
+                values.update(base)
+                options.add_external_initializers(list(values), list(values.values()))
+                session = ort.InferenceSession(str(self.package.model_path), options, providers=self._providers)
+                session._lora_onnx_values = values  # keep the buffers alive as long as the session
+                self._sessions[key] = session
+        return session
+
+    def _shared_base_values(self) -> dict[str, ort.OrtValue]:
+        """Base weights as OrtValues over one memory map: every external-mode session shares them."""
+        if self._base_values is None:
+            model = ir.load(self.package.model_path)
+            values = {}
+            maps: dict[str, np.memmap] = {}
+            for init in model.graph.initializers.values():
+                tensor = init.const_value
+                if not isinstance(tensor, ir.ExternalTensor) or init.name in self._slot_names:
+                    continue
+                path = str(Path(tensor.base_dir) / tensor.location)
+                if path not in maps:
+                    maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+                raw = maps[path][tensor.offset or 0: (tensor.offset or 0) + tensor.nbytes]
+                array = raw.view(tensor.dtype.numpy()).reshape(tensor.shape.numpy())
+                values[init.name] = ort.OrtValue.ortvalue_from_numpy(array)
+            self._base_values = values
+        return self._base_values
+
+
+def _mentions(key, name: str) -> bool:
+    return key is not None and any(a == name for a, _ in key)
