@@ -53,6 +53,8 @@ class AdapterSession:
         self._sessions: dict[object, ort.InferenceSession] = {}
         self._base_values: dict[str, ort.OrtValue] | None = None
         self.external = self.manifest.mode == "external"
+        self.quantized = bool((self.manifest.extra or {}).get("quantization"))
+        self._raw: dict[str, dict[str, np.ndarray]] = {}
         if not self.external:
             self._session = ort.InferenceSession(str(self.package.model_path), self._session_options(), providers=self._providers)
             self._input_names = {i.name for i in self._session.get_inputs()}
@@ -70,7 +72,16 @@ class AdapterSession:
         extra = sorted(set(tensors) - self._slot_names)
         if extra:
             raise AdapterError(f"{path}: tensor {extra[0]!r} is not a slot of this package")
-        weights = weights_from_slot_tensors(self._slots, tensors, path)
+        if self.quantized:  # quantized values + encodings: fed as stored, one adapter per run
+            missing = sorted(self._slot_names - set(tensors))
+            if missing:
+                raise AdapterError(f"{path}: missing tensor {missing[0]!r}")
+            for spec in self._slots:
+                _check_slot(spec, tensors[spec.name], path)
+            weights = {}
+            self._raw[name] = tensors
+        else:
+            weights = weights_from_slot_tensors(self._slots, tensors, path)
         with self._lock:
             self._weights[name] = weights
             for key in [k for k in self._feeds if _mentions(k, name)]:
@@ -93,6 +104,13 @@ class AdapterSession:
         raise AdapterError(f"adapter must be None, a name or a {{name: weight}} dict, not {type(adapter).__name__}")
 
     def _slot_values(self, key) -> dict[str, np.ndarray]:
+        if self.quantized:
+            if not key:
+                return {}
+            if len(key) != 1 or key[0][1] != 1.0:
+                raise AdapterError("a quantized package runs one adapter at a time (weight 1.0): "
+                                   "its encodings were calibrated per adapter")
+            return dict(self._raw[key[0][0]])
         chosen = [(self._weights[a], w) for a, w in key] if key else []
         values = compose(self._slots, chosen)
         return pack_tensors(self._packs, values) if self._packs else values
@@ -179,3 +197,10 @@ class AdapterSession:
 
 def _mentions(key, name: str) -> bool:
     return key is not None and any(a == name for a, _ in key)
+
+
+def _check_slot(spec, array: np.ndarray, path) -> None:
+    if len(spec.shape) != array.ndim or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
+        raise AdapterError(f"{path}: tensor {spec.name!r} has shape {list(array.shape)}, slot expects {list(spec.shape)}")
+    if np.dtype(array.dtype).name != spec.dtype:
+        raise AdapterError(f"{path}: tensor {spec.name!r} has dtype {array.dtype}, slot expects {spec.dtype}")

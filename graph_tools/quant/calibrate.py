@@ -1,0 +1,121 @@
+"""Calibration: run a package's float graph in ORT with extra outputs and collect ranges.
+
+The graph is run once for the base model (no adapter fed: zero-rank slots) and once per adapter
+with that adapter's slot values. Only the serialized graph (no weight bytes) is handed to ORT;
+weights are read by ORT from the package's external data folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from graph_tools.errors import QuantizationError
+
+__all__ = ["Ranges", "collect_ranges", "iter_calibration"]
+
+logger = logging.getLogger(__name__)
+
+
+class Ranges:
+    """Per tensor running min/max (MinMax) or mean of per-batch percentiles."""
+
+    def __init__(self, method: str = "minmax", percentile: float = 99.99):
+        if method not in ("minmax", "percentile"):
+            raise QuantizationError(f"calibration method must be minmax or percentile, not {method!r}")
+        self.method = method
+        self.percentile = percentile
+        self._lo: dict[str, list[float]] = {}
+        self._hi: dict[str, list[float]] = {}
+
+    def update(self, name: str, array: np.ndarray) -> None:
+        if array.size == 0:
+            lo = hi = 0.0
+        elif self.method == "minmax":
+            lo, hi = float(array.min()), float(array.max())
+        else:
+            lo = float(np.percentile(array, 100 - self.percentile))
+            hi = float(np.percentile(array, self.percentile))
+        self._lo.setdefault(name, []).append(lo)
+        self._hi.setdefault(name, []).append(hi)
+
+    def get(self, name: str) -> tuple[float, float]:
+        if name not in self._lo:
+            raise QuantizationError(f"tensor {name!r} was not calibrated")
+        if self.method == "minmax":
+            return min(self._lo[name]), max(self._hi[name])
+        return float(np.mean(self._lo[name])), float(np.mean(self._hi[name]))
+
+
+def iter_calibration(calibration) -> list[dict[str, np.ndarray]]:
+    """Materialize calibration data: an iterable of feed dicts or an ORT CalibrationDataReader."""
+    feeds: list[dict[str, np.ndarray]] = []
+    if calibration is None:
+        raise QuantizationError("no calibration data given")
+    if hasattr(calibration, "get_next"):
+        while True:
+            item = calibration.get_next()
+            if item is None:
+                break
+            feeds.append(dict(item))
+    else:
+        try:
+            for item in calibration:
+                if not isinstance(item, Mapping):
+                    raise QuantizationError(f"calibration items must be dicts of arrays, got {type(item).__name__}")
+                feeds.append({k: np.asarray(v) for k, v in item.items()})
+        except TypeError:
+            raise QuantizationError(f"calibration must be an iterable of feed dicts, not {type(calibration).__name__}") from None
+    if not feeds:
+        raise QuantizationError("calibration data is empty")
+    return feeds
+
+
+def collect_ranges(model_path: Path, tensors: list[str], runs: Mapping[str | None, Mapping[str, np.ndarray]],
+                   feeds: list[dict[str, np.ndarray]], *, method: str = "minmax") -> dict[str | None, Ranges]:
+    """Ranges of ``tensors`` for each run (``None`` = base; else adapter name -> slot feeds)."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    existing = {o.name for o in proto.graph.output}
+    for name in tensors:
+        if name not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    user_inputs = [n for n in inputs if not any(n in run for run in runs.values() if run)]
+    _check_feeds(feeds, inputs, runs)
+    out_names = [o.name for o in session.get_outputs()]
+    result: dict[str | None, Ranges] = {}
+    for key, slot_feed in runs.items():
+        ranges = Ranges(method)
+        for feed in feeds:
+            full = dict(feed)
+            full.update(slot_feed or {})
+            values = session.run(out_names, full)
+            for name, value in zip(out_names, values):
+                if name in tensors:
+                    ranges.update(name, np.asarray(value, dtype=np.float32))
+        result[key] = ranges
+        logger.info("calibrated %s on %d batches", key or "base", len(feeds))
+    del user_inputs
+    return result
+
+
+def _check_feeds(feeds, inputs, runs) -> None:
+    slot_names = {n for run in runs.values() if run for n in run}
+    required = [n for n, i in inputs.items() if n not in slot_names]
+    for k, feed in enumerate(feeds):
+        for name, value in feed.items():
+            if name not in inputs or name in slot_names:
+                raise QuantizationError(f"calibration batch {k}: {name!r} is not a model input; inputs: {', '.join(required)}")
+            spec = inputs[name]
+            if len(spec.shape) != np.ndim(value) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, np.shape(value))):
+                raise QuantizationError(f"calibration batch {k}: {name!r} has shape {list(np.shape(value))}, model expects {spec.shape}")
