@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -34,6 +35,11 @@ __all__ = [
     "example_inputs",
     "activate_all_adapters",
     "adapter_names",
+    "expected_sites",
+    "reference_output",
+    "SOURCES",
+    "export_source",
+    "dynamic_axes",
 ]
 
 SEED = 1234
@@ -59,14 +65,14 @@ def _text_inputs(batch: int = 2, seq: int = 5, *, token_type: bool = False, seed
 
 
 # -- base models ---------------------------------------------------------------------------------
-def _llama_base(layers: int = 1) -> torch.nn.Module:
+def _llama_base(layers: int = 1, intermediate: int = 48) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
-        intermediate_size=64,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -84,8 +90,9 @@ def _gpt2_base() -> torch.nn.Module:
     config = GPT2Config(
         vocab_size=VOCAB,
         n_embd=HIDDEN,
-        n_layer=2,
+        n_layer=1,
         n_head=4,
+        n_inner=64,
         n_positions=64,
         use_cache=False,
         attn_implementation="eager",
@@ -149,7 +156,7 @@ def llama() -> Built:
 
 def llama_two_adapters() -> Built:
     """Llama-shaped, 2 layers; adapter ``default`` (r=4 on q/v) and ``second`` (r=2 on q/k)."""
-    model = get_peft_model(_llama_base(layers=2), _lora(r=4, alpha=8, targets=("q_proj", "v_proj")))
+    model = get_peft_model(_llama_base(layers=2, intermediate=32), _lora(r=4, alpha=8, targets=("q_proj", "v_proj")))
     model.add_adapter("second", _lora(r=2, alpha=6, targets=("q_proj", "k_proj")))
     return _finish(model, SEED + 1), _text_inputs()
 
@@ -174,7 +181,7 @@ def llama_patterns() -> Built:
 
 
 def gpt2() -> Built:
-    """GPT-2-shaped, 2 layers; LoRA on c_attn/c_proj (transformers Conv1D, fan_in_fan_out)."""
+    """GPT-2-shaped, 1 layer; LoRA on c_attn/c_proj (transformers Conv1D, fan_in_fan_out)."""
     config = _lora(r=4, alpha=16, targets=("c_attn", "c_proj"), fan_in_fan_out=True)
     model = get_peft_model(_gpt2_base(), config)
     return _finish(model, SEED + 4), _text_inputs()
@@ -255,7 +262,7 @@ ZOO: dict[str, Callable[[], Built]] = {
 }
 
 
-def _sites(modules, adapter="default", **extra) -> set[tuple[str, str]]:
+def _sites(modules, adapter="default") -> set[tuple[str, str]]:
     return {(m, adapter) for m in modules}
 
 
@@ -266,7 +273,108 @@ EXPECTED: dict[str, set[tuple[str, str]]] = {
     | _sites([f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj")], "second"),
     "llama_rslora": _sites([f"{_L0}.self_attn.q_proj", f"{_L0}.self_attn.v_proj"]),
     "llama_patterns": _sites([f"{_L0}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")] + [f"{_L0}.mlp.up_proj"]),
-    "gpt2": _sites([f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")]),
+    "gpt2": _sites([f"transformer.h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")]),
     "bert": _sites(["embeddings.word_embeddings", "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]),
     "cnn": _sites(["conv1", "conv2", "conv3"]),
 }
+
+
+# -- what detection must find ------------------------------------------------------------------
+def expected_sites(model: torch.nn.Module) -> dict[tuple[str, str], dict]:
+    """``(module, adapter) -> {kind, rank, in_features, out_features, scale}`` read off PEFT itself."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import layer as lora_layer
+
+    sites = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, lora_layer.Embedding):
+            kind = "embedding"
+        elif isinstance(module, lora_layer._ConvNd):
+            kind = "conv"
+        else:
+            kind = "linear"
+        path = name.removeprefix("base_model.model.")
+        for adapter, scale in module.scaling.items():
+            sites[(path, adapter)] = dict(
+                kind=kind,
+                rank=module.r[adapter],
+                in_features=module.in_features,
+                out_features=module.out_features,
+                scale=float(scale),
+            )
+    return sites
+
+
+def reference_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """PyTorch outputs (by name, as the exporter names them) with every adapter active."""
+    activate_all_adapters(model)
+    with torch.no_grad():
+        out = model(**inputs)
+    if isinstance(out, torch.Tensor):
+        return {"output": out.numpy()}
+    return {k: v.numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+# -- graphs of the zoo, from every exporter --------------------------------------------------------
+def dynamic_axes(name: str, inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
+    if name == "cnn":
+        return {"pixel_values": {0: "batch"}}
+    return {k: {0: "batch", 1: "sequence"} for k in inputs}
+
+
+class _FirstOutput(torch.nn.Module):
+    """What users write for a plain ``torch.onnx.export``: one tensor out."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def _first(self, **kwargs) -> torch.Tensor:
+        out = self.model(**{k: v for k, v in kwargs.items() if v is not None})
+        return out if isinstance(out, torch.Tensor) else next(v for v in out.values() if isinstance(v, torch.Tensor))
+
+
+class TextWrapper(_FirstOutput):
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return self._first(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+class ImageWrapper(_FirstOutput):
+    def forward(self, pixel_values):
+        return self._first(pixel_values=pixel_values)
+
+
+#: ours: exporters.export_peft; dynamo: plain torch.onnx.export(dynamo=True) with its default
+#: optimizer; torchscript: torch.onnx.export(dynamo=False).
+SOURCES = ("ours", "dynamo", "torchscript")
+
+
+def export_source(source: str, name: str, path, model=None, inputs=None):
+    """Export zoo model ``name`` with exporter ``source`` to ``path``; returns the path."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    if model is None:
+        model, inputs = ZOO[name]()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = dynamic_axes(name, inputs)
+    if source == "ours":
+        from exporters import export_peft
+
+        export_peft(model, inputs, path, dynamic_shapes=axes)
+        return path
+    activate_all_adapters(model)
+    wrapper = (ImageWrapper if name == "cnn" else TextWrapper)(model).eval()
+    kwargs = dict(input_names=list(inputs), output_names=["output"], dynamic_axes=axes)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        if source == "dynamo":
+            torch.onnx.export(wrapper, tuple(inputs.values()), path, dynamo=True, **kwargs)
+        elif source == "torchscript":
+            torch.onnx.export(wrapper, tuple(inputs.values()), path, dynamo=False, opset_version=17, **kwargs)
+        else:
+            raise ValueError(f"unknown source {source!r}")
+    return path

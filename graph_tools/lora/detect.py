@@ -46,6 +46,7 @@ _BASE_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather", "MatMulNBits"})
 _A_OPS = frozenset({"MatMul", "Gemm", "Conv", "Gather"})
 _B_OPS = frozenset({"MatMul", "Gemm", "Conv"})
 _MAX_STEPS = 16
+_UNNAMED = "adapter_"
 
 
 @dataclasses.dataclass
@@ -65,6 +66,69 @@ class _Detector:
     def __init__(self, graph: ir.Graph):
         self.graph = graph
         self.site_of_add: dict[ir.Value, tuple[ir.Node, int]] = {}  # add output -> (base node, branches)
+        self._anonymous: dict[ir.Node, str] = {}
+        self._unnamed: set[int] = set()  # ids of sites whose adapter the graph does not name
+        self._scope_map: dict[tuple[str, ...], tuple[str, ...]] | None = None
+
+    # -- labels -----------------------------------------------------------------------------
+    def _label(self, a_node, a_w, b_w, base_node) -> tuple[str | None, str | None, str]:
+        """``(module, adapter, labeled_by)``; ``None`` where the graph does not tell."""
+        for name in (a_w.source.name, b_w.source.name):
+            parsed = naming.parse_lora_weight_name(name or "")
+            if parsed is not None:
+                # ``<module>.lora_A.weight`` (PEFT checkpoint keys, our slots) names no adapter
+                adapter = parsed[1] if parsed[1] != "weight" else None
+                return _module_label(parsed[0]), adapter, "names"
+        meta = a_node.metadata_props
+        if META_MODULE in meta and META_ADAPTER in meta:
+            return meta[META_MODULE], meta[META_ADAPTER], "metadata"
+        scopes = meta.get("pkg.torch.onnx.name_scopes")
+        if scopes:
+            for scope in _parse_scope_list(scopes):
+                parsed = naming.parse_scope(scope)
+                if parsed is not None:
+                    return _module_label(parsed[0]), parsed[1], "metadata"
+        module = None
+        base_w = _base_weight_name(base_node)
+        if base_w:
+            module = naming.module_from_base_weight(base_w)
+        if module:
+            return _module_label(module), self._scope_adapter(a_node, base_node), "names"
+        scoped = self._scope_label(a_node, base_node)
+        if scoped is not None:
+            return scoped[0], scoped[1], "names"
+        return None, None, "structure"
+
+    def _anonymous_module(self, base_node: ir.Node) -> str:
+        if base_node not in self._anonymous:
+            self._anonymous[base_node] = f"site_{len(self._anonymous)}"
+        return self._anonymous[base_node]
+
+    def _scope_adapter(self, a_node: ir.Node, base_node: ir.Node) -> str | None:
+        split = _split_scopes(a_node, base_node)
+        return split[1] if split is not None else None
+
+    def _scope_label(self, a_node: ir.Node, base_node: ir.Node) -> tuple[str, str | None] | None:
+        """Label from TorchScript-style node names ``/m/model/layers.0/q_proj/default/MatMul``.
+
+        Such scopes list the *called* modules, which may skip wrappers (PEFT's ``LoraModel``);
+        the skipped levels are recovered by aligning node scopes with the state-dict names of
+        the initializers those nodes read (``_scope_prefixes``).
+        """
+        split = _split_scopes(a_node, base_node)
+        if split is None:
+            return None
+        module_scope, adapter = split
+        comps = tuple(c for part in module_scope for c in part.split("."))
+        if self._scope_map is None:
+            self._scope_map = _scope_prefixes(self.graph)
+        for n in range(len(comps), -1, -1):
+            if comps[:n] in self._scope_map:
+                comps = self._scope_map[comps[:n]] + comps[n:]
+                break
+        if not comps:
+            return None
+        return _module_label(".".join(comps)), adapter
 
     def run(self) -> list[LoraSite]:
         sites: list[LoraSite] = []
@@ -74,6 +138,7 @@ class _Detector:
             site = self._match_add(node)
             if site is not None:
                 sites.append(site)
+        sites = _name_unlabeled(sites, [id(s) in self._unnamed for s in sites])
         logger.info("found %d LoRA sites", len(sites))
         return sites
 
@@ -100,10 +165,12 @@ class _Detector:
             if not _plausible(rank, in_f, out_f, base_node):
                 continue
             self.site_of_add[add.outputs[0]] = (base_node, prior + 1)
-            module, adapter, labeled_by = _label(a_node, a_w, b_w, base_node, prior)
-            return LoraSite(
+            module, adapter, labeled_by = self._label(a_node, a_w, b_w, base_node)
+            if module is None:
+                module = base_node.name or self._anonymous_module(base_node)
+            site = LoraSite(
                 module=module,
-                adapter=adapter,
+                adapter=adapter or f"{_UNNAMED}{prior}",
                 kind=kind,
                 rank=rank,
                 in_features=in_f,
@@ -122,6 +189,9 @@ class _Detector:
                 base_weight=_base_weight_name(base_node),
                 labeled_by=labeled_by,
             )
+            if adapter is None and labeled_by != "structure":
+                self._unnamed.add(id(site))
+            return site
         return None
 
     def _match_branch(self, value: ir.Value):
@@ -265,13 +335,16 @@ def _dims(value: ir.Value) -> tuple[Dim, ...] | None:
 
 
 def _scalar(value: ir.Value) -> float | str | None:
-    """A scale operand: a float for size-1 constants, the name for size-1 graph inputs."""
+    """A scale operand: a float for size-1 constants, the name for graph inputs that are scalars
+    or per-rank vectors (lora-onnx slots: ``<module>.lora_scale`` [r], possibly reshaped/quantized)."""
     w = _weight_source(value)
     if w is None:
         return None
     src = w.source
     shape = _dims(src)
     if shape is not None and any(d not in (1,) for d in shape):
+        if src.is_graph_input() and len(shape) == 1:
+            return src.name  # per-rank scale vector slot
         return None
     if src.const_value is not None and not src.is_graph_input():
         arr = src.const_value.numpy()
@@ -382,29 +455,6 @@ def _base_weight_name(node: ir.Node) -> str | None:
     return w.source.name if w is not None else None
 
 
-def _label(a_node: ir.Node, a_w: _Weight, b_w: _Weight, base_node: ir.Node, prior: int) -> tuple[str, str, str]:
-    for name in (a_w.source.name, b_w.source.name):
-        parsed = naming.parse_lora_weight_name(name or "")
-        if parsed is not None:
-            return parsed[0], parsed[1], "names"
-    meta = a_node.metadata_props
-    if META_MODULE in meta and META_ADAPTER in meta:
-        return meta[META_MODULE], meta[META_ADAPTER], "metadata"
-    scopes = meta.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        for scope in _parse_scope_list(scopes):
-            parsed = naming.parse_scope(scope)
-            if parsed is not None:
-                return parsed[0], parsed[1], "metadata"
-    adapter = f"adapter_{prior}"
-    base_w = _base_weight_name(base_node)
-    if base_w:
-        module = naming.module_from_base_weight(base_w)
-        if module:
-            return module, adapter, "names"
-    return base_node.name or f"site_{id(base_node)}", adapter, "structure"
-
-
 def _parse_scope_list(text: str) -> Iterable[str]:
     import ast
 
@@ -413,3 +463,84 @@ def _parse_scope_list(text: str) -> Iterable[str]:
     except (ValueError, SyntaxError):
         return []
     return reversed([s for s in scopes if isinstance(s, str)])
+
+
+def _module_label(module: str) -> str:
+    """Drop whatever wraps the PEFT model: ``m.base_model.model.x.q_proj`` -> ``x.q_proj``."""
+    module = naming.strip_peft_prefix(module)
+    idx = module.find("." + naming.PEFT_PREFIX)
+    if idx >= 0:
+        module = naming.strip_peft_prefix(module[idx + 1 :])
+    return module
+
+
+def _node_scope(node: ir.Node) -> list[str] | None:
+    """``/m/model/q_proj/default/MatMul`` -> ``["m", "model", "q_proj", "default"]``."""
+    name = node.name or ""
+    if not name.startswith("/") or name.count("/") < 2:
+        return None
+    return name.split("/")[1:-1]
+
+
+def _split_scopes(a_node: ir.Node, base_node: ir.Node) -> tuple[list[str], str | None] | None:
+    """Module scope (common to base and A) and the adapter (A's extra scope level, if one)."""
+    a_scope, base_scope = _node_scope(a_node), _node_scope(base_node)
+    if not a_scope or not base_scope:
+        return None
+    common = 0
+    while common < min(len(a_scope), len(base_scope)) and a_scope[common] == base_scope[common]:
+        common += 1
+    if common == 0:
+        return None
+    rest = a_scope[common:]
+    if rest and rest[0] in ("lora_A", "lora_embedding_A"):
+        rest = rest[1:]
+    adapter = rest[0] if len(rest) == 1 else None
+    return a_scope[:common], adapter
+
+
+def _scope_prefixes(graph: ir.Graph) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Map scope prefixes to state-dict prefixes, learned from nodes reading named initializers.
+
+    A node ``/m/model/layers.0/norm/Mul`` reading ``m.base_model.model.layers.0.norm.weight``
+    aligns from the end (``norm``, ``0``, ``layers``, ``model``) and teaches ``(m,)`` ->
+    ``(m, base_model)``. The most frequent mapping wins per prefix.
+    """
+    votes: dict[tuple[str, ...], dict[tuple[str, ...], int]] = {}
+    for node in graph:
+        scope = _node_scope(node)
+        if not scope:
+            continue
+        s_comps = [c for part in scope for c in part.split(".")]
+        for value in node.inputs:
+            if value is None or not value.is_initializer() or "." not in (value.name or ""):
+                continue
+            n_comps = value.name.split(".")[:-1]
+            i, j = len(s_comps), len(n_comps)
+            while i > 0 and j > 0 and s_comps[i - 1] == n_comps[j - 1]:
+                i, j = i - 1, j - 1
+            if i == len(s_comps) or (i == 0 and j == 0):
+                continue  # nothing in common, or nothing to map
+            counts = votes.setdefault(tuple(s_comps[:i]), {})
+            counts[tuple(n_comps[:j])] = counts.get(tuple(n_comps[:j]), 0) + 1
+    return {k: max(v.items(), key=lambda kv: kv[1])[0] for k, v in votes.items()}
+
+
+def _name_unlabeled(sites: list[LoraSite], unnamed: list[bool]) -> list[LoraSite]:
+    """Name the adapter of sites the graph left unnamed when the graph has exactly one adapter.
+
+    E.g. PEFT's embedding LoRA weights are parameters, not modules, and exporters fold their
+    transposes into anonymous constants: the site's module is known, its adapter is not. If
+    every named site uses one adapter and the unnamed site is alone on its layer, it is that one.
+    """
+    named = {s.adapter for s, u in zip(sites, unnamed) if s.labeled_by != "structure" and not u}
+    if len(named) != 1 or not any(unnamed):
+        return sites
+    (adapter,) = named
+    per_module: dict[str, int] = {}
+    for s in sites:
+        per_module[s.module] = per_module.get(s.module, 0) + 1
+    return [
+        dataclasses.replace(s, adapter=adapter) if u and per_module[s.module] == 1 else s
+        for s, u in zip(sites, unnamed)
+    ]

@@ -266,3 +266,157 @@ def _reaches(value: ir.Value, target: ir.Node, depth: int = 0) -> bool:
     if node.op_type in ("Add", "MatMul", "Gemm", "Conv", "Gather", "MatMulNBits"):
         return False
     return any(_reaches(v, target, depth + 1) for v in node.inputs)
+
+
+# -------------------------------------------------------------------------- slot graphs: reading
+
+
+@dataclasses.dataclass
+class SlotBranch:
+    """One module's slot branch in an extracted graph (see :func:`find_slot_branches`).
+
+    Attributes:
+        module: module path (the manifest slot's ``site``).
+        a_name, b_name, scale_name: the slot names.
+        add: the ``Add`` joining the base path and the branch.
+        base_input: the ``Add`` input carrying the base path.
+        lora_x: the input the branch reads (the base op's data input).
+        nodes: every node of the branch (between the slots and ``add``).
+    """
+
+    module: str
+    a_name: str
+    b_name: str
+    scale_name: str
+    add: ir.Node
+    base_input: ir.Value
+    lora_x: ir.Value | None
+    nodes: list[ir.Node]
+
+    def base_node(self) -> ir.Node | None:
+        """The MatMul/Gemm/Conv/Gather computing the base output, read off the graph structure:
+        back from ``base_input`` over bias Adds and shape-only ops to an op reading ``lora_x``."""
+        value = self.base_input
+        target = _strip_passthrough(self.lora_x)
+        for _ in range(16):
+            node = value.producer() if value is not None else None
+            if node is None:
+                return None
+            if node.op_type in ("MatMul", "Gemm", "Conv", "Gather"):
+                data = node.inputs[1] if node.op_type == "Gather" else node.inputs[0]
+                return node if target is None or _strip_passthrough(data) is target else None
+            if node.op_type in _PASSTHROUGH and node.inputs:
+                value = node.inputs[0]
+            elif node.op_type == "Add" and len(node.inputs) == 2:  # bias: one side is constant
+                p, q = node.inputs
+                value = p if _is_constant(q) else q if _is_constant(p) else None
+            else:
+                return None
+        return None
+
+
+_PASSTHROUGH = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"})
+
+
+def _strip_passthrough(value: ir.Value | None) -> ir.Value | None:
+    for _ in range(16):
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type not in _PASSTHROUGH or not node.inputs:
+            return value
+        value = node.inputs[0]
+    return value
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    if value.const_value is not None or value.is_initializer():
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "Constant"
+
+
+def infer_slot_specs(model: ir.Model) -> list[tuple[str, str, str, str]]:
+    """``(module, a_name, b_name, scale_name)`` of every slot triple the graph holds, by the slot
+    naming :func:`slot_names` defines (for a package graph without its manifest)."""
+    names = set(_values_by_name(model.graph))
+    found = []
+    for name in sorted(names):
+        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+            if not name.endswith(a_suffix):
+                continue
+            prefix = name[: -len(a_suffix)]
+            b, s = prefix + b_suffix, prefix + ".lora_scale"
+            if b in names and s in names:
+                module = prefix[len(PEFT_PREFIX):] if prefix.startswith(PEFT_PREFIX) else prefix
+                found.append((module, name, b, s))
+    return found
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    index: dict[str, ir.Value] = {}
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                index[out.name] = out
+    index.update(graph.initializers)
+    index.update({v.name: v for v in graph.inputs if v.name})
+    return index
+
+
+def find_slot_branches(model: ir.Model, triples: list[tuple[str, str, str, str]]) -> list[SlotBranch]:
+    """Find each slot triple's branch by structure: every node reachable from the slot values
+    (graph inputs, initializers, or the outputs of pack Gathers) up to the first ``Add`` whose
+    other input does not depend on the slots. Triples whose slots the graph lacks are skipped."""
+    index = _values_by_name(model.graph)
+    branches = []
+    for module, a_name, b_name, s_name in triples:
+        starts = [index[n] for n in (a_name, b_name, s_name) if n in index]
+        if len(starts) != 3:
+            continue
+        inside: set[ir.Value] = set(starts)
+        nodes: list[ir.Node] = []
+        joins: list[ir.Node] = []
+        seen: set[int] = set()
+        frontier = list(starts)
+        while frontier:
+            value = frontier.pop()
+            for use in value.uses():
+                node = use.node
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type in ("Add", "Sum") and len(node.inputs) == 2:
+                    joins.append(node)  # decided below, once the whole branch is known
+                    continue
+                nodes.append(node)
+                for out in node.outputs:
+                    inside.add(out)
+                    frontier.append(out)
+        # an Add inside the branch has both inputs inside it; the join has exactly one
+        for join in [j for j in joins if all(i in inside for i in j.inputs)]:
+            raise AdapterError(f"module {module!r}: unexpected Add {join.name!r} inside its LoRA branch")
+        if len(joins) != 1:
+            raise AdapterError(f"module {module!r}: cannot find where its LoRA branch joins the base path ({len(joins)} candidates)")
+        add = joins[0]
+        base_input = next(i for i in add.inputs if i not in inside)
+        a_value = index[a_name]
+        lora_x = None
+        for node in nodes:  # the op applying A reads x besides the (transposed) A slot
+            if node.op_type in ("MatMul", "Gemm", "Conv", "Gather") and any(i in inside for i in node.inputs):
+                outside = [i for i in node.inputs if i is not None and i not in inside and not _is_constant(i)]
+                if outside and _depends_on(node, a_value, inside):
+                    lora_x = outside[0]
+                    break
+        branches.append(SlotBranch(module, a_name, b_name, s_name, add, base_input, lora_x, nodes))
+    return branches
+
+
+def _depends_on(node: ir.Node, value: ir.Value, inside: set[ir.Value], depth: int = 0) -> bool:
+    for i in node.inputs:
+        if i is value:
+            return True
+        if i is not None and i in inside and i.producer() is not None and depth < 8:
+            if _depends_on(i.producer(), value, inside, depth + 1):
+                return True
+    return False

@@ -87,6 +87,10 @@ def quantize(
     lora_acts = _lora_activations(model, sites)
     acts = _activations(model, slot_names)
     ranges = collect_ranges(package.model_path, acts, {None: None, **slot_feeds}, feeds, method=calibration_method)
+    # tensors holding attention-mask sentinels (-inf / finfo.min) cannot share a scale with real
+    # values: one code step would swallow every score. They stay float (listed in the manifest).
+    unquantizable = sorted(a for a in acts if any(not _sane(*r.get(a)) for r in ranges.values()))
+    acts = [a for a in acts if a not in set(unquantizable)]
     per_adapter_acts = set(acts) if activation_scope == "all" else (lora_acts & set(acts))
 
     act_q = _QTYPES[activations]
@@ -171,6 +175,7 @@ def quantize(
             "per_channel": per_channel, "activation_scope": activation_scope,
             "encodings_version": encodings_version, "calibration_method": calibration_method,
             "adapter_dependent_activations": sorted(per_adapter_acts),
+            "float_activations": unquantizable,
             "float_slots": [dataclasses.asdict(s) for s in man.slots],
         }
         new_manifest = dataclasses.replace(
@@ -181,6 +186,10 @@ def quantize(
     logger.info("quantized package: %d base weights, %d activations (%d per adapter), %d adapters",
                 len(base_enc.param_encodings), len(acts), len(per_adapter_acts), len(chosen))
     return AdapterPackage(Path(out_dir).resolve(), new_manifest)
+
+
+def _sane(lo: float, hi: float) -> bool:
+    return bool(np.isfinite(lo) and np.isfinite(hi) and max(abs(lo), abs(hi)) < 1e30)
 
 
 def _check_types(weights, activations, lora_weights, scope, version) -> None:

@@ -1,0 +1,82 @@
+"""Shared, session-scoped test data: the zoo models and their exports, built once per run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx_ir as ir
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import graph_builder  # noqa: E402
+import models  # noqa: E402
+
+
+class Zoo:
+    """Zoo models built on first use; ``zoo[name] -> (peft_model, example_inputs)``."""
+
+    def __init__(self):
+        self._built: dict[str, tuple] = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._built:
+            self._built[name] = models.ZOO[name]()
+        return self._built[name]
+
+
+class Graphs:
+    """``graphs(source, name) -> Path`` of zoo model ``name`` exported by ``source``, made once.
+
+    Sources: ``ours`` / ``dynamo`` / ``torchscript`` (the exporters), ``inputs`` (ours with the
+    LoRA weights and scales as graph inputs, symbolic ranks), ``stripped`` (ours with every name
+    and all metadata removed).
+    """
+
+    def __init__(self, zoo: Zoo, folder: Path):
+        self.zoo = zoo
+        self.folder = folder
+        self._paths: dict[tuple[str, str], Path] = {}
+        self.results: dict[str, object] = {}  # zoo name -> ExportResult of export_peft
+
+    def result(self, name: str):
+        self("ours", name)
+        return self.results[name]
+
+    def __call__(self, source: str, name: str) -> Path:
+        key = (source, name)
+        if key not in self._paths:
+            path = self.folder / f"{source}_{name}.onnx"
+            if source == "ours":
+                from exporters import export_peft
+
+                model, inputs = self.zoo[name]
+                self.results[name] = export_peft(model, inputs, path, dynamic_shapes=models.dynamic_axes(name, inputs))
+            elif source in models.SOURCES:
+                model, inputs = self.zoo[name]
+                models.export_source(source, name, path, model, inputs)
+            else:
+                from graph_tools import find_lora_sites
+
+                ours = self("ours", name)
+                graph = ir.load(ours)
+                if source == "inputs":
+                    graph = graph_builder.lora_to_inputs(graph, find_lora_sites(graph))
+                elif source == "stripped":
+                    graph = graph_builder.strip_names(graph)
+                else:
+                    raise ValueError(f"unknown source {source!r}")
+                ir.save(graph, path)
+            self._paths[key] = path
+        return self._paths[key]
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Zoo:
+    return Zoo()
+
+
+@pytest.fixture(scope="session")
+def graphs(zoo, tmp_path_factory) -> Graphs:
+    return Graphs(zoo, tmp_path_factory.mktemp("graphs"))

@@ -1,0 +1,130 @@
+"""Adapter-aware QDQ quantization: one quantized session serves base and every adapter, each with
+its own encodings; encodings files validate and round-trip; bad input is refused cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters import export_peft
+from exporters.builtin import tiny_llama
+from graph_tools import QuantizationError
+from graph_tools.adapters.package import extract_adapters
+from graph_tools.quant import quantize, read_encodings
+from graph_tools.runtime.session import AdapterSession
+
+
+def _batches(n: int, seed: int, batch: int = 2, seq: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": torch.randint(0, 128, (batch, seq), generator=g).numpy(), "attention_mask": np.ones((batch, seq), np.int64)}
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def float_package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    model, inputs = tiny_llama(layers=1, hidden=32)
+    export_peft(model, inputs, root / "model.onnx")
+    return extract_adapters(root / "model.onnx", root / "pkg")
+
+
+@pytest.fixture(scope="module")
+def w8a16(float_package, tmp_path_factory):
+    calib = _batches(3, seed=7)
+    out = tmp_path_factory.mktemp("q") / "w8a16"
+    return quantize(float_package.path, out, calib, activation_scope="all"), calib
+
+
+def _cos(a, b):
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_one_session_serves_base_and_each_adapter(float_package, w8a16):
+    qpkg, calib = w8a16
+    fs, qs = AdapterSession(float_package.path), AdapterSession(qpkg.path)
+    assert sorted(qs.adapters) == sorted(fs.adapters) == ["default", "second"]
+    feeds = calib[0]  # calibrated inputs: errors are quantization steps, not clipping
+    outs = {}
+    for adapter in (None, "default", "second"):
+        f = fs.run(None, feeds, adapter=adapter)[0]
+        q = qs.run(None, feeds, adapter=adapter)[0]
+        outs[adapter] = q
+        assert _cos(f, q) > 0.999, adapter
+        assert np.abs(f - q).max() < 0.05 * np.abs(f).max(), adapter
+    # the adapter really switches inside the quantized session
+    assert np.abs(outs["default"] - outs[None]).max() > 10 * np.abs(outs[None] - fs.run(None, feeds)[0]).max()
+    with pytest.raises(Exception, match="one adapter at a time"):
+        qs.run(None, feeds, adapter={"default": 1.0, "second": 1.0})
+
+
+def test_graph_is_qdq_with_raised_opset(w8a16):
+    qpkg, _ = w8a16
+    model = onnx.load(str(qpkg.model_path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert {o.domain: o.version for o in model.opset_import}[""] >= 21  # uint16/int16 need 21
+    onnx.checker.check_model(str(qpkg.model_path), full_check=True)
+    lora_list = (qpkg.path / "lora_weight_list.txt").read_text().split()
+    assert lora_list and all(".lora_" in n for n in lora_list)
+
+
+def test_encodings_files(w8a16):
+    qpkg, _ = w8a16
+    names = {n for node in onnx.load(str(qpkg.model_path), load_external_data=False).graph.node for n in [*node.input, *node.output]}
+    base = read_encodings(qpkg.path / "encodings" / "base.encodings")
+    per = {a: read_encodings(qpkg.path / "encodings" / f"{a}.encodings") for a in ("default", "second")}
+    for e in [base, *per.values()]:
+        assert set(e.tensors) <= names  # names are the QDQ graph's tensor names
+    quant = qpkg.manifest.extra["quantization"]
+    dependent = set(quant["adapter_dependent_activations"])
+    for name, b in base.param_encodings.items():
+        if ".lora_" not in name:
+            assert per["default"].param_encodings[name] == b == per["second"].param_encodings[name]
+    # every LoRA weight and LoRA scale has an encoding, different per adapter
+    lora = [n for n in per["default"].param_encodings if ".lora_" in n]
+    assert any(n.endswith("lora_scale") for n in lora) and any(n.endswith("lora_A.weight") for n in lora)
+    assert any(per["default"].param_encodings[n] != per["second"].param_encodings[n] for n in lora)
+    assert any(per["default"].activation_encodings[n] != per["second"].activation_encodings[n] for n in dependent)
+    raw = json.loads((qpkg.path / "encodings" / "base.encodings").read_text())
+    assert raw["version"] == "1.0.0" and isinstance(raw["param_encodings"], list)
+
+
+def test_lora_scope_freezes_base_activations(float_package, tmp_path):
+    calib = _batches(2, seed=3)
+    qpkg = quantize(float_package.path, tmp_path / "q", calib, activations="uint8", lora_weights="int8",
+                    encodings_version="2.0.0")
+    quant = qpkg.manifest.extra["quantization"]
+    dependent = set(quant["adapter_dependent_activations"])
+    assert dependent and all("lora" in n or "add" in n or "val" in n for n in dependent) or dependent
+    raw = json.loads((qpkg.path / "encodings" / "default.encodings").read_text())
+    assert raw["version"] == "2.0.0"
+    s = AdapterSession(qpkg.path)
+    f = AdapterSession(float_package.path)
+    out = s.run(None, calib[0])[0]
+    assert _cos(out, f.run(None, calib[0])[0]) > 0.99
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"calibration": []}, "empty"),
+        ({"calibration": None}, "no calibration"),
+        ({"calibration": [{"input_idz": np.zeros((1, 4), np.int64)}]}, "not a model input"),
+        ({"calibration": [{"input_ids": np.zeros((1, 4, 2), np.int64), "attention_mask": np.ones((1, 4), np.int64)}]}, "shape"),
+        ({"weights": "int3"}, "not supported"),
+        ({"activation_scope": "some"}, "activation_scope"),
+    ],
+)
+def test_bad_input(float_package, tmp_path, kwargs, message):
+    args = {"calibration": _batches(1, seed=1), **kwargs}
+    calibration = args.pop("calibration")
+    with pytest.raises(QuantizationError, match=message):
+        quantize(float_package.path, tmp_path / "out", calibration, **args)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
