@@ -60,33 +60,38 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _cmd_export_demo(args) -> int:
-    import numpy as np
-    import onnxruntime as ort
-    import torch
+def _run_pipeline(args, base: str, adapters: dict[str, str]) -> int:
+    from exporters.pipeline import pipeline
 
-    from exporters import export_peft
-    from exporters.builtin import tiny_llama
-    from peft.tuners.lora import LoraLayer
+    result = pipeline(base, adapters, args.output, quantize=args.quantize, calibration=getattr(args, "calibration", None),
+                      mode=getattr(args, "mode", "inputs"), pack=getattr(args, "pack", False), quiet=args.quiet)
+    print(format_site_table(result.sites))
+    print()
+    print(result.table())
+    if result.report_path:
+        print(f"\nreport: {result.report_path}")
+    if not result.passed:
+        print("error: verification failed (see the table)", file=sys.stderr)
+    return 0 if result.passed else 1
+
+
+def _cmd_pipeline(args) -> int:
+    adapters = {}
+    for item in args.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LoraOnnxError(f"--adapter takes NAME=PEFT_DIR, got {item!r}")
+        adapters[name] = path
+    return _run_pipeline(args, args.base, adapters)
+
+
+def _cmd_demo(args) -> int:
+    from exporters.builtin import minilm_dir, train_demo_adapters
 
     out = Path(args.output)
-    model, inputs = tiny_llama()
-    _say(args, f"exporting the built-in tiny Llama PEFT model (2 adapters) to {out / 'model.onnx'} ...")
-    result = export_peft(model, inputs, out / "model.onnx")
-    print(format_site_table(result.sites))
-    # verify: ORT on the exported graph vs PEFT with every adapter active
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            layer._active_adapter = list(result.adapters)
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.no_grad():
-        ref = model(**feeds, use_cache=False).logits.numpy()
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
-    err = float(np.abs(got - ref).max())
-    print(f"\nverify: onnxruntime vs PEFT (all adapters active): max abs error {err:.2e}")
-    return 0 if err <= 1e-4 else 1
+    _say(args, "training two LoRA adapters on MiniLM (built-in tasks) ...")
+    adapters = train_demo_adapters(minilm_dir(), out / "peft_adapters")
+    return _run_pipeline(args, "builtin:minilm", {k: str(v) for k, v in adapters.items()})
 
 
 def _cmd_extract(args) -> int:
@@ -199,10 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_cmd_strip)
 
-    p = sub.add_parser("demo", help="export + inspect + verify the built-in tiny PEFT model")
-    p.add_argument("-o", "--output", default="lora-onnx-demo", help="output folder (default: %(default)s)")
+    p = sub.add_parser("pipeline", help="export -> inspect -> extract -> quantize -> verify a PEFT model")
+    p.add_argument("--base", required=True, help="local HF model folder, builtin:minilm or builtin:tiny-llama")
+    p.add_argument("--adapter", action="append", help="NAME=PEFT_DIR (repeat)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--quantize", choices=["w8a16", "w8a8", "none"], default="w8a16")
+    p.add_argument("--calibration", default=None, help=".npz of input arrays; one row per calibration batch")
+    p.add_argument("--mode", choices=["inputs", "external"], default="inputs")
+    p.add_argument("--pack", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=_cmd_export_demo)
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("demo", help="the pipeline on real MiniLM weights with two adapters trained in-process")
+    p.add_argument("-o", "--output", default="lora-onnx-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--quantize", choices=["w8a16", "w8a8", "none"], default="w8a16")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
