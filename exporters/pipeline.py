@@ -216,6 +216,7 @@ def pipeline(
     pack: bool = False,
     quiet: bool = False,
     report: bool = True,
+    activation_scope: str = "lora",
     model=None,
 ) -> PipelineResult:
     """Run export -> inspect -> extract -> (quantize) -> verify (-> report.html) into ``out``.
@@ -266,7 +267,7 @@ def pipeline(
         t = time.perf_counter()
         feeds = _calibration_feeds(calibration, model)
         bar = _Progress("calibrate", 1, quiet)
-        served = run_quantize(package.path, out / "quantized", feeds, **QUANT_PRESETS[quantize])
+        served = run_quantize(package.path, out / "quantized", feeds, activation_scope=activation_scope, **QUANT_PRESETS[quantize])
         bar.step()
         times["quantize"] = time.perf_counter() - t
 

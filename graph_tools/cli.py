@@ -64,7 +64,8 @@ def _run_pipeline(args, base: str, adapters: dict[str, str]) -> int:
     from exporters.pipeline import pipeline
 
     result = pipeline(base, adapters, args.output, quantize=args.quantize, calibration=getattr(args, "calibration", None),
-                      mode=getattr(args, "mode", "inputs"), pack=getattr(args, "pack", False), quiet=args.quiet)
+                      mode=getattr(args, "mode", "inputs"), pack=getattr(args, "pack", False), quiet=args.quiet,
+                      activation_scope=args.activation_scope)
     print(format_site_table(result.sites))
     print()
     print(result.table())
@@ -111,6 +112,7 @@ def _cmd_extract(args) -> int:
 def _cmd_convert(args) -> int:
     from graph_tools.adapters.convert import convert_peft_adapter
 
+    _say(args, f"converting {args.peft_dir} into {args.package} ...")
     path = convert_peft_adapter(args.peft_dir, args.package, name=args.name)
     print(f"wrote {path}")
     return 0
@@ -121,29 +123,60 @@ def _cmd_run(args) -> int:
 
     from graph_tools.runtime.session import AdapterSession
 
+    adapter = _parse_adapters(args.adapter)
+    expected = ".npz with one array per model input expected"
     try:
-        data = np.load(args.feeds)
-    except (OSError, ValueError) as exc:
-        raise LoraOnnxError(f"{args.feeds}: cannot read feeds (.npz expected): {exc}") from None
-    feeds = {k: data[k] for k in data.files}
+        data = np.load(args.feeds, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # missing, not numpy, pickled objects ...
+        raise LoraOnnxError(f"{args.feeds}: cannot read feeds ({expected}): {_one_line(exc)}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy
+        raise LoraOnnxError(f"{args.feeds}: cannot read feeds ({expected}, got a single array)")
+    with data:
+        try:
+            feeds = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError) as exc:  # a damaged member
+            raise LoraOnnxError(f"{args.feeds}: cannot read feeds ({expected}): {_one_line(exc)}") from None
     session = AdapterSession(args.package)
-    adapter = None
-    if args.adapter:
-        parts = [a.split("=", 1) for a in args.adapter]
-        adapter = parts[0][0] if len(parts) == 1 and len(parts[0]) == 1 else {p[0]: float(p[1]) if len(p) > 1 else 1.0 for p in parts}
     outputs = session.run(None, feeds, adapter=adapter)
     names = [o.name for o in session.get_outputs()]
     if args.output:
-        np.savez(args.output, **dict(zip(names, outputs)))
-        print(f"wrote {args.output}")
+        from graph_tools._io import atomic_file
+
+        out = Path(args.output)
+        if out.suffix != ".npz":
+            raise LoraOnnxError(f"{out}: the output file must end in .npz")
+        with atomic_file(out) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **dict(zip(names, outputs)))
+        print(f"wrote {out}")
     for n, o in zip(names, outputs):
         print(f"{n}: shape={list(o.shape)} dtype={o.dtype} mean={float(np.mean(o)):.6g} absmax={float(np.max(np.abs(o))):.6g}")
     return 0
 
 
+def _parse_adapters(values):
+    """``--adapter NAME`` -> ``"NAME"``; several or ``NAME=WEIGHT`` -> ``{name: weight}``."""
+    if not values:
+        return None
+    parts = [v.split("=", 1) for v in values]
+    if len(parts) == 1 and len(parts[0]) == 1:
+        return parts[0][0]
+    chosen = {}
+    for p in parts:
+        try:
+            weight = float(p[1]) if len(p) > 1 else 1.0
+        except ValueError:
+            raise LoraOnnxError(f"--adapter {'='.join(p)}: the weight after '=' must be a number") from None
+        if p[0] in chosen:
+            raise LoraOnnxError(f"--adapter {p[0]} is given twice")
+        chosen[p[0]] = weight
+    return chosen
+
+
 def _cmd_merge(args) -> int:
     from graph_tools.passes.merge import merge_adapter
 
+    _say(args, f"merging adapter {args.adapter} of {args.package} into the base weights ...")
     print(f"wrote {merge_adapter(args.package, args.adapter, args.output)}")
     return 0
 
@@ -151,8 +184,13 @@ def _cmd_merge(args) -> int:
 def _cmd_strip(args) -> int:
     from graph_tools.passes.strip import strip_adapters
 
+    _say(args, f"removing every LoRA branch of {args.model} ...")
     print(f"wrote {strip_adapters(args.model, args.output)}")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _say(args, text: str) -> None:
@@ -212,12 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help=".npz of input arrays; one row per calibration batch")
     p.add_argument("--mode", choices=["inputs", "external"], default="inputs")
     p.add_argument("--pack", action="store_true")
+    p.add_argument("--activation-scope", choices=["lora", "all"], default="lora",
+                   help="per-adapter activation encodings: LoRA branches only (AIMET flow) or all")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("demo", help="the pipeline on real MiniLM weights with two adapters trained in-process")
     p.add_argument("-o", "--output", default="lora-onnx-demo", help="output folder (default: %(default)s)")
     p.add_argument("--quantize", choices=["w8a16", "w8a8", "none"], default="w8a16")
+    p.add_argument("--activation-scope", choices=["lora", "all"], default="lora")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -230,7 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LoraOnnxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable destination, full disk ...: the user's environment, not a bug
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

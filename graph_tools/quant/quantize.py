@@ -85,6 +85,7 @@ def quantize(
     slot_names = {s.name for s in man.slots}
     sites = find_lora_sites(model)
     lora_acts = _lora_activations(model, sites)
+    _fill_missing_dtypes(model, package.model_path)
     acts = _activations(model, slot_names)
     ranges = collect_ranges(package.model_path, acts, {None: None, **slot_feeds}, feeds, method=calibration_method)
     # tensors holding attention-mask sentinels (-inf / finfo.min) cannot share a scale with real
@@ -216,6 +217,27 @@ def _lora_activations(model: ir.Model, sites) -> set[str]:
     return names
 
 
+def _fill_missing_dtypes(model: ir.Model, model_path: Path) -> None:
+    """Give values the exporter/extractor left untyped (e.g. the LoRA branch after slot
+    replacement) their element type from ONNX type inference, so they are not mistaken for
+    non-float tensors and silently left unquantized."""
+    if all(v.dtype is not None for node in model.graph for v in node.outputs):
+        return
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=False)
+    except Exception as exc:  # noqa: BLE001 - inference is best effort; untyped values stay float-unknown
+        logger.warning("type inference failed (%s); untyped tensors stay unquantized", str(exc).splitlines()[0])
+        return
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in proto.graph.value_info if vi.type.HasField("tensor_type")}
+    for node in model.graph:
+        for value in node.outputs:
+            if value.dtype is None and types.get(value.name):
+                value.dtype = ir.DataType(types[value.name])
+
+
 def _activations(model: ir.Model, slot_names: set[str]) -> list[str]:
     """Float tensors computed at run time that get an activation QDQ."""
     out = []
@@ -259,7 +281,7 @@ def _base_weights(model: ir.Model, slot_names: set[str]):
         elif node.op_type == "Conv":
             axis = 0
         else:
-            axis = None  # embedding tables: per-tensor
+            axis = 0  # embedding tables: one scale per row (token)
         yield value, axis
 
 
@@ -405,7 +427,9 @@ class _Quantizer:
         self._pending = []
         old = self._find_value(slot.name)
         shape = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else d) for d in old.shape]
-        zero_shape = [0 if isinstance(d, str) else d for d in shape]
+        # default: rank 1 of zeros, not rank 0 -- ORT's fused quantized kernels (e.g. QLinearMatMul
+        # for 8-bit QDQ) do not zero-fill an empty inner dimension; a zero row is exact in any type.
+        zero_shape = [1 if isinstance(d, str) else d for d in shape]
         q_in = self._input(f"{slot.name}_quantized", np.zeros(zero_shape, qtype), shape)
         s_in = self._input(f"{slot.name}.scale", np.ones([1], np.float32), [1])
         shape0 = self._const(f"{slot.name}.scalar_shape", np.array([], np.int64))
