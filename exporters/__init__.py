@@ -3,3 +3,11 @@
 from exporters.peft_export import ExportResult, export_peft, lora_layers
 
 __all__ = ["export_peft", "ExportResult", "lora_layers"]
+
+
+def __getattr__(name: str):
+    if name == "pipeline":
+        from exporters.pipeline import pipeline
+
+        return pipeline
+    raise AttributeError(f"module 'exporters' has no attribute {name!r}")

@@ -28,3 +28,36 @@ __all__ = [
     "QuantizationError",
     "EncodingsError",
 ]
+
+
+def __getattr__(name: str):
+    """``graph_tools.pipeline`` is ``exporters.pipeline.pipeline`` (one function, two homes)."""
+    if name == "pipeline":
+        from exporters.pipeline import pipeline
+
+        return pipeline
+    if name in ("quantize", "read_encodings"):
+        from graph_tools import quant
+
+        return getattr(quant, name)
+    if name == "AdapterSession":
+        from graph_tools.runtime.session import AdapterSession
+
+        return AdapterSession
+    if name in ("extract_adapters",):
+        from graph_tools.adapters.package import extract_adapters
+
+        return extract_adapters
+    if name == "convert_peft_adapter":
+        from graph_tools.adapters.convert import convert_peft_adapter
+
+        return convert_peft_adapter
+    if name in ("merge_adapter",):
+        from graph_tools.passes.merge import merge_adapter
+
+        return merge_adapter
+    if name in ("strip_adapters",):
+        from graph_tools.passes.strip import strip_adapters
+
+        return strip_adapters
+    raise AttributeError(f"module 'graph_tools' has no attribute {name!r}")
