@@ -1,13 +1,7 @@
 """PEFT/torch -> ONNX export with LoRA branches kept and PEFT names restored."""
 
+from exporters.end_to_end import PipelineResult, pipeline
 from exporters.peft_export import ExportResult, export_peft, lora_layers
 
-__all__ = ["export_peft", "ExportResult", "lora_layers"]
+__all__ = ["export_peft", "ExportResult", "lora_layers", "pipeline", "PipelineResult"]
 
-
-def __getattr__(name: str):
-    if name == "pipeline":
-        from exporters.pipeline import pipeline
-
-        return pipeline
-    raise AttributeError(f"module 'exporters' has no attribute {name!r}")

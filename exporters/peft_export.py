@@ -111,6 +111,8 @@ def export_peft(
     sites = find_lora_sites(ir_model)
     _check_sites(sites, layers)
     annotate_sites(ir_model, sites)
+    for node in ir_model.graph:  # stack traces hold the exporting machine's absolute paths
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     ir_model.producer_name = "lora-onnx"
     external = _save(ir_model, output_path, external_data)
     logger.info("exported %d LoRA sites (%d adapters) to %s", len(sites), len(adapters), output_path)

@@ -31,9 +31,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``graph_tools.pipeline`` is ``exporters.pipeline.pipeline`` (one function, two homes)."""
+    """``graph_tools.pipeline`` is ``exporters.pipeline`` (one function, two homes)."""
     if name == "pipeline":
-        from exporters.pipeline import pipeline
+        from exporters.end_to_end import pipeline
 
         return pipeline
     if name in ("quantize", "read_encodings"):

@@ -61,7 +61,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _run_pipeline(args, base: str, adapters: dict[str, str]) -> int:
-    from exporters.pipeline import pipeline
+    from exporters.end_to_end import pipeline
 
     result = pipeline(base, adapters, args.output, quantize=args.quantize, calibration=getattr(args, "calibration", None),
                       mode=getattr(args, "mode", "inputs"), pack=getattr(args, "pack", False), quiet=args.quiet,

@@ -4,7 +4,7 @@ Each builder returns ``(peft_model, example_inputs)``: a ``peft.PeftModel`` in e
 every LoRA weight is random (``init_lora_weights=False``, so lora_B is not all zeros and exporters
 cannot fold a branch away), and a dict of keyword tensors to export with. Seeds are fixed, so a
 builder gives the same weights on every call. Sizes are ~32 hidden, 1-2 layers: an exported graph
-is a few tens of KB.
+stays under 200 KB. ``export_source`` exports a zoo model with each exporter (``SOURCES``).
 
 ``ZOO`` maps a short name to a builder; ``EXPECTED`` gives, per zoo name, the ``(module, adapter)``
 LoRA sites a detector must find in any export of it.

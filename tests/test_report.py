@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporters.builtin import tiny_llama
-from exporters.pipeline import pipeline
+from exporters.end_to_end import pipeline
 
 
 def _chromium() -> str:

@@ -14,7 +14,12 @@ must read the same input ``x``, A and B must agree on the rank, and the rank mus
 layer's in/out features: a factorized layer without an Add to a base path is not a site.
 
 Names only label a site: PEFT weight names first, then node metadata (ours or torch.onnx's
-name scopes), then the base weight's name; with no names at all sites are labeled by position.
+name scopes), then the base weight's name, then TorchScript-style node names (``/m/q_proj/default/
+MatMul``, aligned with state-dict names to recover skipped wrapper levels). Module paths lose
+whatever wraps the PEFT model (``m.base_model.model.`` -> ``""``). With no names at all, sites
+are labeled by position: module ``site_<k>``, adapter ``adapter_<i>`` (i-th branch on the layer).
+An adapter the graph does not name (PEFT's embedding LoRA weights are parameters whose transposes
+exporters fold into anonymous constants) takes the graph's only named adapter, if there is one.
 Several adapters on one layer are chained Adds; each becomes its own site sharing ``base_node``.
 """
 
@@ -69,6 +74,18 @@ class _Detector:
         self._anonymous: dict[ir.Node, str] = {}
         self._unnamed: set[int] = set()  # ids of sites whose adapter the graph does not name
         self._scope_map: dict[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def run(self) -> list[LoraSite]:
+        sites: list[LoraSite] = []
+        for node in self.graph:
+            if node.op_type not in ("Add", "Sum") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            site = self._match_add(node)
+            if site is not None:
+                sites.append(site)
+        sites = _name_unlabeled(sites, [id(s) in self._unnamed for s in sites])
+        logger.info("found %d LoRA sites", len(sites))
+        return sites
 
     # -- labels -----------------------------------------------------------------------------
     def _label(self, a_node, a_w, b_w, base_node) -> tuple[str | None, str | None, str]:
@@ -129,18 +146,6 @@ class _Detector:
         if not comps:
             return None
         return _module_label(".".join(comps)), adapter
-
-    def run(self) -> list[LoraSite]:
-        sites: list[LoraSite] = []
-        for node in self.graph:
-            if node.op_type not in ("Add", "Sum") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-                continue
-            site = self._match_add(node)
-            if site is not None:
-                sites.append(site)
-        sites = _name_unlabeled(sites, [id(s) in self._unnamed for s in sites])
-        logger.info("found %d LoRA sites", len(sites))
-        return sites
 
     # -- matching ---------------------------------------------------------------------------
     def _match_add(self, add: ir.Node) -> LoraSite | None:

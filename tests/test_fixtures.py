@@ -1,0 +1,65 @@
+"""Regression: detection on every committed fixture graph matches its golden JSON.
+
+``LORA_ONNX_REGEN_FIXTURES=1 pytest tests/test_fixtures.py`` regenerates graphs and golden files
+on purpose first (``fixtures/make_fixtures.py``); review the diff before committing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from graph_tools import find_lora_sites
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def _maker():
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MAKER = _maker()
+NAMES = sorted(MAKER.FIXTURES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def regenerate():
+    if os.environ.get("LORA_ONNX_REGEN_FIXTURES") == "1":
+        MAKER.main([])
+
+
+def test_fixture_folder_matches_the_list():
+    graphs = {p.name.removesuffix(".onnx") for p in FIXTURES.glob("*.onnx")}
+    golden = {p.name.removesuffix(".sites.json") for p in FIXTURES.glob("*.sites.json")}
+    assert graphs == golden == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detection_matches_golden(name):
+    path = FIXTURES / f"{name}.onnx"
+    assert path.stat().st_size <= MAKER.MAX_BYTES
+    want = json.loads((FIXTURES / f"{name}.sites.json").read_text())
+    got = json.loads(json.dumps(MAKER.golden(find_lora_sites(path))))
+    assert got == want
+
+
+def test_expected_counts():
+    """Golden files hold what the fixtures are built to contain (guards a bad regeneration)."""
+    import models
+
+    counts = {name: len(json.loads((FIXTURES / f"{name}.sites.json").read_text())) for name in NAMES}
+    for name, count in counts.items():
+        source, _, rest = name.partition("_")
+        if source in ("ours", "dynamo", "torchscript", "inputs", "stripped"):
+            assert count == len(models.EXPECTED[rest]), name
+        elif source == "negative":
+            assert count == 0, name
+        else:
+            assert count == (2 if rest == "two_adapters" else 1), name
