@@ -173,6 +173,27 @@ def _parse_adapters(values):
     return chosen
 
 
+def _cmd_quantize(args) -> int:
+    import numpy as np
+
+    from graph_tools.quant import quantize
+
+    try:
+        data = np.load(args.calibration)
+    except (OSError, ValueError) as exc:
+        raise LoraOnnxError(f"{args.calibration}: cannot read calibration data (.npz expected): {exc}") from None
+    arrays = {k: data[k] for k in data.files}
+    count = min((len(a) for a in arrays.values()), default=0)
+    feeds = [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(count)]
+    package = quantize(args.package, args.output, feeds, weights=args.weights, activations=args.activations,
+                       lora_weights=args.lora_weights, per_channel=not args.per_tensor, activation_scope=args.activation_scope,
+                       calibration_method=args.method, encodings_version=args.encodings_version, block_size=args.block_size)
+    q = package.manifest.extra["quantization"]
+    print(f"quantized package {package.path}: {len(q['adapter_dependent_activations'])} adapter-dependent activations, "
+          f"{len(q['float_activations'])} kept float; encodings in {package.path / 'encodings'}")
+    return 0
+
+
 def _cmd_merge(args) -> int:
     from graph_tools.passes.merge import merge_adapter
 
@@ -230,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feeds", required=True, help=".npz with one array per model input")
     p.add_argument("-o", "--output", default=None, help="write outputs to this .npz")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("quantize", help="QDQ-quantize a package with per-adapter encodings")
+    p.add_argument("package")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--calibration", required=True, help=".npz of input arrays; one row per calibration batch")
+    p.add_argument("--weights", choices=["int8", "int4"], default="int8")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    p.add_argument("--activations", choices=["uint16", "uint8", "int16", "int8"], default="uint16")
+    p.add_argument("--lora-weights", choices=["int16", "int8"], default="int16")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel base weights")
+    p.add_argument("--activation-scope", choices=["lora", "all"], default="lora")
+    p.add_argument("--method", choices=["minmax", "percentile"], default="minmax")
+    p.add_argument("--encodings-version", choices=["1.0.0", "2.0.0"], default="1.0.0")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("merge", help="fold one adapter into the base weights (plain ONNX model)")
     p.add_argument("package")

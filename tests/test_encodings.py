@@ -167,6 +167,8 @@ def test_round_trip_whole_file(tmp_path, version):
     path = write_encodings(tmp_path / "m.encodings", encodings, version=version)
     params = {e.name for e in encodings.param_encodings.values()}
     model = _model_with_initializers(params)
+    for name in sorted(set(encodings.activation_encodings) - {v.name for v in model.graph.inputs}):
+        model.graph.inputs.append(ir.Value(name=name))  # activations must be values of the graph too
     back = read_encodings(path, model=model)
     if version == "1.0.0":
         assert back.param_encodings == {k: _as_read_from_1_0_0(v) for k, v in encodings.param_encodings.items()}

@@ -128,3 +128,44 @@ def test_bad_input(float_package, tmp_path, kwargs, message):
         quantize(float_package.path, tmp_path / "out", calibration, **args)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_int4_blockwise_weights(float_package, tmp_path):
+    calib = _batches(2, seed=11)
+    qpkg = quantize(float_package.path, tmp_path / "q4", calib, weights="int4", block_size=16, activation_scope="all")
+    model = onnx.load(str(qpkg.model_path), load_external_data=False)
+    blockwise = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and any(a.name == "block_size" and a.i == 16 for a in n.attribute)]
+    assert blockwise
+    int4 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
+    assert all(n.input[0] in int4 for n in blockwise)
+    base = read_encodings(qpkg.path / "encodings" / "base.encodings")
+    assert any(e.enc_type == "PER_BLOCK" and e.block_size == 16 and e.bitwidth == 4 for e in base.param_encodings.values())
+    fs, qs = AdapterSession(float_package.path), AdapterSession(qpkg.path)
+    for adapter in (None, "default"):
+        assert _cos(fs.run(None, calib[0], adapter=adapter)[0], qs.run(None, calib[0], adapter=adapter)[0]) > 0.95
+
+
+def test_package_without_adapters_and_mismatched_encodings(float_package, tmp_path):
+    import shutil
+
+    from graph_tools import EncodingsError
+    from graph_tools.adapters import manifest as mf
+
+    bare = tmp_path / "bare"
+    shutil.copytree(float_package.path, bare)
+    man = mf.read_manifest(bare / "manifest.json")
+    man.adapters = []
+    mf.write_manifest(bare / "manifest.json", man)
+    with pytest.raises(QuantizationError, match="no adapters"):
+        quantize(bare, tmp_path / "out", _batches(1, seed=1))
+    assert not (tmp_path / "out").exists()
+    # an encodings file of another graph does not load against this one
+    import onnx_ir as ir
+
+    enc_file = tmp_path / "other.encodings"
+    enc_file.write_text(json.dumps({"version": "1.0.0", "activation_encodings": [
+        {"name": "not_a_tensor", "dtype": "INT", "enc_type": "PER_TENSOR", "bw": 8, "is_sym": False, "scale": [0.1], "offset": [-128]}],
+        "param_encodings": []}))
+    with pytest.raises(EncodingsError, match="not_a_tensor"):
+        read_encodings(enc_file, model=ir.load(float_package.model_path))

@@ -383,7 +383,8 @@ def write_encodings(path: str | os.PathLike, encodings: Encodings, version: str 
 
 
 def read_encodings(path: str | os.PathLike, *, model: ir.Model | None = None) -> Encodings:
-    """Read and validate an encodings file of either version (see :func:`encodings_from_dict`)."""
+    """Read and validate an encodings file of either version (see :func:`encodings_from_dict`);
+    with ``model``, every encoded tensor must also be a value of that graph."""
     path = Path(path)
     if not path.is_file():
         raise EncodingsError(f"{path}: no such file")
@@ -394,7 +395,14 @@ def read_encodings(path: str | os.PathLike, *, model: ir.Model | None = None) ->
     except UnicodeDecodeError:
         raise EncodingsError(f"{path}: not a text file") from None
     with _about(path):
-        return encodings_from_dict(obj, model=model)
+        encodings = encodings_from_dict(obj, model=model)
+        if model is not None:  # an encodings file must describe this graph's tensors
+            values = _graph_values(model.graph)
+            missing = [name for name in encodings.tensors if name not in values]
+            if missing:
+                more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+                raise EncodingsError(f"tensor {missing[0]!r} has an encoding but is not a value of the graph{more}")
+        return encodings
 
 
 def check_against_graph(encodings: Encodings, model: ir.Model) -> None:

@@ -57,6 +57,7 @@ def quantize(
     calibration_method: str = "minmax",
     encodings_version: str = "1.0.0",
     adapters: Iterable[str] | None = None,
+    block_size: int = 32,
 ) -> AdapterPackage:
     """Quantize a float adapter package into a QDQ adapter package (see module docstring)."""
     _check_types(weights, activations, lora_weights, activation_scope, encodings_version)
@@ -98,8 +99,13 @@ def quantize(
     q = _Quantizer(model, act_q, symmetric_activations)
     base_enc = enc.Encodings()
     # base weights
+    if weights == "int4" and (not isinstance(block_size, int) or block_size < 2 or block_size % 2):
+        raise QuantizationError(f"block_size must be an even integer >= 2, not {block_size!r}")
     for value, axis in _base_weights(model, slot_names):
-        e = q.quantize_weight(value, _QTYPES[weights], axis if per_channel else None)
+        if weights == "int4":
+            e = q.quantize_weight_blockwise(value, block_size, axis)
+        else:
+            e = q.quantize_weight(value, _QTYPES[weights], axis if per_channel else None)
         base_enc.add(e, param=True)
     # activations
     act_slots: list[tuple[str, str, str]] = []  # (tensor, scale input, zero-point input)
@@ -116,7 +122,7 @@ def quantize(
     quant_slots = [q.quantize_slot(s, lora_q) for s in man.slots]
 
     opset = model.opset_imports.get("", 17)
-    if any(t in (np.int16, np.uint16) for t in (act_q, lora_q, _QTYPES[weights])) and opset < 21:
+    if (weights == "int4" or any(t in (np.int16, np.uint16) for t in (act_q, lora_q))) and opset < 21:
         _raise_opset(model, 21)
 
     # adapter tensors + encodings
@@ -194,8 +200,8 @@ def _sane(lo: float, hi: float) -> bool:
 
 
 def _check_types(weights, activations, lora_weights, scope, version) -> None:
-    if weights not in ("int8",):
-        raise QuantizationError(f"weights={weights!r} is not supported; supported: int8")
+    if weights not in ("int8", "int4"):
+        raise QuantizationError(f"weights={weights!r} is not supported; supported: int8, int4 (blockwise)")
     if activations not in ("uint8", "uint16", "int8", "int16"):
         raise QuantizationError(f"activations={activations!r} is not supported; supported: uint8, uint16, int8, int16")
     if lora_weights not in ("int8", "int16"):
@@ -421,6 +427,41 @@ class _Quantizer:
         dq.outputs[0].name = name
         dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
         return enc.from_quantize_linear(name, scale, np.zeros(scale.shape, qtype), axis=axis)
+
+    def quantize_weight_blockwise(self, value: ir.Value, block: int, channel_axis: int | None):
+        """int4 symmetric, one scale per ``block`` inputs per output channel (2-D MatMul/Gemm weights).
+
+        Other weights (conv kernels, embedding tables) or an input size not divisible by the
+        block fall back to int8 per-channel.
+        """
+        import ml_dtypes
+
+        w = value.const_value.numpy().astype(np.float32)
+        if w.ndim != 2 or channel_axis not in (0, 1):
+            return self.quantize_weight(value, np.int8, channel_axis)
+        axis = 1 - channel_axis  # the input (reduction) axis carries the blocks
+        if w.shape[axis] % block:
+            return self.quantize_weight(value, np.int8, channel_axis)
+        self._pending = []
+        moved = np.moveaxis(w, axis, 0)  # [in, out]
+        blocks = moved.reshape(moved.shape[0] // block, block, moved.shape[1])
+        amax = np.abs(blocks).max(axis=1)  # [in/B, out]
+        scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+        q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7).reshape(moved.shape)
+        q = np.moveaxis(q, 0, axis)
+        scale = np.moveaxis(scale, 0, axis)  # blocks along `axis`
+        name = value.name
+        qv = self._const(f"{name}_quantized", q.astype(ml_dtypes.int4))
+        s = self._const(f"{name}.scale", scale)
+        z = self._const(f"{name}.zero_point", np.zeros(scale.shape, ml_dtypes.int4))
+        attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block)]
+        dq = ir.Node("", "DequantizeLinear", [qv, s, z], attributes=attrs, name=f"qdq/{name}/DQ")
+        self.graph.insert_before(next(iter(self.graph)), dq)
+        ir.convenience.replace_all_uses_with(value, dq.outputs[0])
+        del self.graph.initializers[name]
+        dq.outputs[0].name = name
+        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
+        return enc.from_quantize_linear(name, scale, np.zeros(scale.shape, ml_dtypes.int4), axis=axis, block_size=block)
 
     def quantize_slot(self, slot, qtype) -> dict[str, str]:
         """Float slot input -> quantized input + scale input -> DequantizeLinear -> old uses."""
