@@ -109,5 +109,5 @@ def train_demo_adapters(base_dir: str | Path, out_dir: str | Path, *, steps: int
         path = out / name
         model.save_pretrained(str(path))
         paths[name] = path
-        logger.info("trained adapter %s: final loss %.4f", name, float(loss))
+        logger.info("trained adapter %s: final loss %.4f", name, loss.item())
     return paths

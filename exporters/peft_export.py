@@ -90,18 +90,19 @@ def export_peft(
         output_names = list(wrapper.output_names)
         del outputs
         try:
-            program = torch.onnx.export(
-                wrapper,
-                tuple(args),
-                dynamo=True,
-                optimize=False,
-                verbose=False,
-                opset_version=opset,
-                input_names=names,
-                output_names=output_names,
-                dynamic_axes={k: dict(v) for k, v in axes.items()} or None,
-                report=False,
-            )
+            with _quiet_torch_onnx():
+                program = torch.onnx.export(
+                    wrapper,
+                    tuple(args),
+                    dynamo=True,
+                    optimize=False,
+                    verbose=False,
+                    opset_version=opset,
+                    input_names=names,
+                    output_names=output_names,
+                    dynamic_axes={k: dict(v) for k, v in axes.items()} or None,
+                    report=False,
+                )
         except Exception as exc:  # torch raises many types; all mean "could not export"
             raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
     ir_model = program.model
@@ -418,6 +419,29 @@ def _save(model: ir.Model, path: Path, external_data: bool | None) -> str | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_name
+
+
+@contextlib.contextmanager
+def _quiet_torch_onnx() -> Iterator[None]:
+    """torch.onnx prints progress to stdout and warns about optional packages; keep our CLI's
+    output ours (its messages still reach the logger at debug level)."""
+    import io
+    import warnings
+
+    buffer = io.StringIO()
+    torch_loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export")]
+    levels = [lg.level for lg in torch_loggers]
+    try:
+        for lg in torch_loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(torch_loggers, levels):
+            lg.setLevel(level)
+        if buffer.getvalue():
+            logger.debug("torch.onnx: %s", buffer.getvalue().strip())
 
 
 def _first_line(exc: BaseException) -> str:
