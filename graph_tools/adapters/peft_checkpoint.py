@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -220,6 +221,8 @@ def _positive(value: Any) -> bool:
 @cache
 def _variant_fields() -> tuple[str, ...]:
     """LoraConfig fields PEFT itself tags as forward-changing variants (``is_lora_variant``)."""
+    if "peft" not in sys.modules:  # importing peft (torch, transformers) costs seconds: use the copy
+        return _VARIANT_FIELDS
     try:
         from peft import LoraConfig
     except ImportError:  # pragma: no cover - peft is a dependency; keep working without it
@@ -229,10 +232,13 @@ def _variant_fields() -> tuple[str, ...]:
 
 @cache
 def _get_pattern_key() -> Callable[[Iterable[str], str], str]:
-    """PEFT's own ``get_pattern_key``; a copy of it only if peft cannot be imported."""
+    """PEFT's own ``get_pattern_key`` when peft is loaded; else (peft costs seconds to import,
+    ``convert`` must be fast) an exact copy of it."""
     try:
+        if "peft" not in sys.modules:
+            raise ImportError("peft not loaded")
         from peft.utils.other import get_pattern_key
-    except ImportError:  # pragma: no cover
+    except ImportError:
 
         def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
             for key in pattern_keys:
@@ -312,6 +318,8 @@ def _strip_prefix(key: str) -> str:
 
 
 def _embedding_layer_names() -> tuple[str, ...]:
+    if "peft" not in sys.modules:
+        return ("embed_tokens", "lm_head")
     try:
         from peft.utils.constants import EMBEDDING_LAYER_NAMES
     except ImportError:  # pragma: no cover
