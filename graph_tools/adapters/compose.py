@@ -9,7 +9,15 @@ import numpy as np
 
 from graph_tools.errors import AdapterError
 
-__all__ = ["SiteWeights", "slot_tensors", "compose", "pack_tensors", "unpack_tensors", "weights_from_slot_tensors"]
+__all__ = [
+    "SiteWeights",
+    "slot_tensors",
+    "compose",
+    "pack_tensors",
+    "unpack_tensors",
+    "weights_from_slot_tensors",
+    "read_slot_weights",
+]
 
 #: per module: (A [r, ...] in PEFT layout, B [out, r, ...], scale)
 SiteWeights = Mapping[str, tuple[np.ndarray, np.ndarray, float]]
@@ -80,15 +88,45 @@ def pack_tensors(packs: list[dict], feed: Mapping[str, np.ndarray]) -> dict[str,
     return out
 
 
-def unpack_tensors(packs: list[dict], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def unpack_tensors(packs: list[dict], feed: Mapping[str, np.ndarray], *, source: object = "adapter") -> dict[str, np.ndarray]:
+    """Packed inputs -> member slot values. Every pack must be present with its full shape (an
+    adapter of a packed package always fills every pack); ``source`` names the file in errors."""
     out = dict(feed)
     for pack in packs:
         if pack["name"] not in out:
-            continue
-        stacked = out.pop(pack["name"])
+            raise AdapterError(f"{source}: missing tensor {pack['name']!r} (a packed input of the package)")
+        stacked = np.asarray(out.pop(pack["name"]))
+        if list(stacked.shape) != [int(d) for d in pack["shape"]]:
+            raise AdapterError(f"{source}: tensor {pack['name']!r} has shape {list(stacked.shape)}, the package needs {pack['shape']}")
         for i, m in enumerate(pack["members"]):
             out[m] = stacked[i]
     return out
+
+
+def read_slot_weights(slots, packs: list[dict], path, *, expected_modules=None) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Read one adapter file of a package: ``{module: (A, B, scale)}`` with padding removed.
+
+    Refuses names that are not slots (or packs) of the package, shapes that do not fit, partial
+    sites and, when ``expected_modules`` is given (the modules the manifest says the adapter
+    adapts), a module whose tensors are missing.
+    """
+    from graph_tools.adapters import files
+
+    raw = files.read_adapter(path)
+    known = {s.name for s in slots} | {p["name"] for p in packs}
+    extra = sorted(set(raw) - known)
+    if extra:
+        raise AdapterError(f"{path}: tensor {extra[0]!r} is not a slot of this package")
+    tensors = unpack_tensors(packs, raw, source=path)
+    weights = weights_from_slot_tensors(slots, tensors, path)
+    for module in sorted(expected_modules or ()):
+        if module not in weights:
+            names = [s.name for s in slots if s.site == module and s.role == "lora_A"]
+            missing = names[0] if names else module
+            if names and names[0] in tensors:  # present but all-zero scale: nothing is applied
+                raise AdapterError(f"{path}: module {module!r} has an all-zero lora_scale; the manifest lists it as adapted")
+            raise AdapterError(f"{path}: missing tensor {missing!r} (the manifest lists module {module!r} for this adapter)")
+    return weights
 
 
 def _np_dtype(name: str):
@@ -117,6 +155,9 @@ def weights_from_slot_tensors(slots, tensors: Mapping[str, np.ndarray], path) ->
         _check_shape(roles["lora_A"], a, path)
         _check_shape(roles["lora_B"], b, path)
         _check_shape(roles["lora_scale"], s, path)
+        if not (a.shape[0] == b.shape[1] == s.shape[0]):
+            raise AdapterError(f"{path}: module {module!r}: rank differs between {names[0]!r} ({a.shape[0]}), "
+                               f"{names[1]!r} ({b.shape[1]}) and {names[2]!r} ({s.shape[0]})")
         for n, t in zip(names, (a, b, s)):
             if np.issubdtype(t.dtype, np.floating) and not np.all(np.isfinite(t)):
                 raise AdapterError(f"{path}: tensor {n!r} holds NaN or Inf")

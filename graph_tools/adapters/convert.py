@@ -5,7 +5,6 @@ for fixed-rank packages and every shape is checked against the manifest."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -14,8 +13,7 @@ from graph_tools.adapters import files, manifest as mf
 from graph_tools.adapters.compose import pack_tensors, slot_tensors
 from graph_tools.adapters.package import load_package
 from graph_tools.adapters.peft_checkpoint import read_peft_adapter
-from graph_tools.errors import AdapterError
-from graph_tools.lora.naming import PEFT_PREFIX
+from graph_tools.errors import AdapterError, PackageError
 
 __all__ = ["convert_peft_adapter"]
 
@@ -29,13 +27,15 @@ def convert_peft_adapter(peft_adapter_dir: str | os.PathLike, package_dir: str |
     name = name or source.resolve().name
     if not name or "/" in name or name.startswith("."):
         raise AdapterError(f"invalid adapter name {name!r}")
+    if (package.manifest.extra or {}).get("quantization") or not any(s.role == "lora_A" for s in package.manifest.slots):
+        raise PackageError(f"{package.path}: not a float adapter package; convert into the float package, then quantize it")
     checkpoint = read_peft_adapter(source)
     slot_modules = {s.site for s in package.manifest.slots}
     weights = {}
     for module, site in checkpoint.sites().items():
         if module not in slot_modules:
             raise AdapterError(
-                f"{source}: tensor {PEFT_PREFIX}{module}.lora_A.weight has no slot in the package "
+                f"{checkpoint.weights_file}: tensor {site.a_key!r} has no slot in the package "
                 f"(the package was extracted from a model without LoRA on {module!r})"
             )
         weights[module] = (site.lora_A, site.lora_B, float(site.scale))
@@ -47,13 +47,21 @@ def convert_peft_adapter(peft_adapter_dir: str | os.PathLike, package_dir: str |
         tensors = pack_tensors(packs, tensors)
     fmt = package.manifest.adapters[0].format if package.manifest.adapters else (package.manifest.extra or {}).get("format", "onnx_adapter")
     rel = f"adapters/{name}{files.ADAPTER_SUFFIX[fmt]}"
-    path = files.write_adapter(package.path / rel, tensors, format=fmt, metadata={"adapter": name, "source": str(source)})
     spec = mf.AdapterSpec(
         name=name, file=rel, rank={m: int(w[0].shape[0]) for m, w in weights.items()},
         alpha=checkpoint.config.get("lora_alpha"), scale={m: w[2] for m, w in weights.items()},
         source=str(source), format=fmt,
     )
-    adapters = [a for a in package.manifest.adapters if a.name != name] + [spec]
-    mf.write_manifest(package.path / "manifest.json", dataclasses.replace(package.manifest, adapters=adapters))
+    manifest = package.manifest.with_adapter(spec)
+    mf.Manifest.from_dict(manifest.to_dict(), source=str(package.path / mf.MANIFEST_NAME))  # refuse before writing
+    target = package.path / rel
+    existed = target.exists()
+    path = files.write_adapter(target, tensors, format=fmt, metadata={"adapter": name, "source": str(source)})
+    try:
+        mf.write_manifest(package.path / mf.MANIFEST_NAME, manifest)
+    except BaseException:
+        if not existed:  # nothing half-done: no adapter file the manifest does not list
+            Path(path).unlink(missing_ok=True)
+        raise
     logger.info("converted %s -> %s (%d modules)", source, path, len(weights))
     return Path(path)

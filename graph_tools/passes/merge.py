@@ -2,6 +2,7 @@
 
 Before: ``Add(base(x, W), scale * B(A(x)))`` with A, B fed from slots.
 After:  ``base(x, W + scale * B @ A)`` (in the base op's layout); all branches removed.
+Works for every package mode (inputs, packed, fixed rank, external).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools.adapters import files
-from graph_tools.adapters.compose import unpack_tensors, weights_from_slot_tensors
-from graph_tools.adapters.package import load_package
+from graph_tools.adapters.compose import read_slot_weights
+from graph_tools.adapters.package import load_package, load_package_model
 from graph_tools.errors import AdapterError
-from graph_tools.lora import find_lora_sites
 from graph_tools.passes._weights import materialize
-from graph_tools.passes.strip import StripLoraPass, save_model_to
+from graph_tools.passes.slots import find_slot_branches
+from graph_tools.passes.strip import StripSlotsPass, save_model_to
 
 __all__ = ["merge_adapter", "delta_weight"]
 
@@ -40,28 +40,33 @@ def delta_weight(kind: str, a: np.ndarray, b: np.ndarray, scale: float) -> np.nd
 
 
 def merge_adapter(package_dir: str | os.PathLike, adapter: str, out_path: str | os.PathLike) -> Path:
-    """Write ``out_path``: the package's base graph with ``adapter`` folded into the weights."""
+    """Write ``out_path``: the package's base graph with ``adapter`` folded into the weights.
+
+    Each slot branch is found by structure from its slots (:func:`find_slot_branches`), the
+    adapter's ``scale * B @ A`` is added to the weight of the base op the branch joins, and every
+    branch is removed. Only the weights of adapted modules are read.
+    """
     package = load_package(package_dir)
-    path = package.adapter_path(adapter)
-    packs = list((package.manifest.extra or {}).get("packs") or [])
-    tensors = unpack_tensors(packs, files.read_adapter(path))
-    weights = weights_from_slot_tensors(package.manifest.slots, tensors, path)
-    model = ir.load(package.model_path)
-    sites = find_lora_sites(model)
-    by_module = {s.module: s for s in sites}
-    nodes = {n.name: n for n in model.graph}
+    spec = package.manifest.adapter(adapter)
+    path = package.path / spec.file
+    model = load_package_model(package)  # first: a graph that is not the manifest's is refused as such
+    weights = read_slot_weights(package.manifest.slots, package.packs, path, expected_modules=set(spec.scale))
+    branches = {b.module: b for b in find_slot_branches(model, package.slot_triples())}
+    used_names: set[str] = set(model.graph.initializers)
     for module, (a, b, scale) in weights.items():
-        site = by_module.get(module)
-        if site is None:
-            raise AdapterError(f"adapter {adapter!r}: module {module!r} has no LoRA site in the package graph")
-        _fold(model.graph, nodes[site.base_node], site.kind, delta_weight(site.kind, a, b, scale), module)
-    StripLoraPass(sites)(model)
+        branch = branches.get(module)
+        base = branch.base_node() if branch is not None else None
+        if base is None:
+            raise AdapterError(f"adapter {adapter!r}: cannot find the base op of module {module!r} in the package graph")
+        kind = {"Gather": "embedding", "Conv": "conv"}.get(base.op_type, "linear")
+        _fold(model.graph, base, kind, delta_weight(kind, a, b, scale), module, used_names)
+    StripSlotsPass(list(branches.values()))(model)
     out = save_model_to(model, out_path)
     logger.info("merged adapter %r (%d modules) into %s", adapter, len(weights), out)
     return out
 
 
-def _fold(graph: ir.Graph, base: ir.Node, kind: str, delta: np.ndarray, module: str) -> None:
+def _fold(graph: ir.Graph, base: ir.Node, kind: str, delta: np.ndarray, module: str, used_names: set[str]) -> None:
     index = 0 if base.op_type == "Gather" else 1
     value = base.inputs[index]
     if base.op_type not in ("MatMul", "Gemm", "Conv", "Gather"):
@@ -74,8 +79,12 @@ def _fold(graph: ir.Graph, base: ir.Node, kind: str, delta: np.ndarray, module: 
     if weight.shape != delta.shape:
         raise AdapterError(f"module {module!r}: base weight {list(weight.shape)} vs delta {list(delta.shape)}")
     merged = (weight.astype(np.float32) + delta).astype(weight.dtype)
-    name = value.name if value.is_initializer() else f"{module}.merged_weight"
-    new = ir.Value(name=f"{name}.merged", shape=ir.Shape(merged.shape), type=ir.TensorType(ir.DataType.from_numpy(merged.dtype)),
-                   const_value=ir.tensor(merged, name=f"{name}.merged"))
+    stem = f"{value.name if value.is_initializer() else module + '.weight'}.merged"
+    name, i = stem, 1
+    while name in used_names:  # a weight shared by several adapted modules gets one copy each
+        name, i = f"{stem}.{i}", i + 1
+    used_names.add(name)
+    new = ir.Value(name=name, shape=ir.Shape(merged.shape), type=ir.TensorType(ir.DataType.from_numpy(merged.dtype)),
+                   const_value=ir.tensor(merged, name=name))
     graph.register_initializer(new)
     base.replace_input_with(index, new)

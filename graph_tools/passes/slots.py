@@ -327,13 +327,21 @@ def _strip_passthrough(value: ir.Value | None) -> ir.Value | None:
     return value
 
 
-def _is_constant(value: ir.Value | None) -> bool:
+def _is_constant(value: ir.Value | None, _depth: int = 0) -> bool:
+    """A value computed from initializers/Constants only (e.g. a bias behind an Identity that an
+    exporter inserted to share equal initializers)."""
     if value is None:
         return False
     if value.const_value is not None or value.is_initializer():
-        return True
+        return not value.is_graph_input()  # an input with a default can be overridden
     node = value.producer()
-    return node is not None and node.op_type == "Constant"
+    if node is None or _depth > 8:
+        return False
+    if node.op_type == "Constant":
+        return True
+    if node.op_type in _PASSTHROUGH | {"Transpose", "DequantizeLinear"}:
+        return all(i is None or _is_constant(i, _depth + 1) for i in node.inputs)
+    return False
 
 
 def infer_slot_specs(model: ir.Model) -> list[tuple[str, str, str, str]]:

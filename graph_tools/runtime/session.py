@@ -8,12 +8,16 @@
   ``SessionOptions.add_external_initializers``; one session per adapter (created on first use),
   sharing the base weights, which are read once from the memory-mapped data file.
 
-``run`` is thread-safe: ORT's ``run`` is, and the caches are filled under a lock.
+``run`` is thread-safe: ORT's ``run`` is, and the caches are filled under a lock. The package's
+graph must match its manifest (graph fingerprint), so a manifest copied from another package is
+refused up front; feeds are checked by name before ORT sees them.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -24,15 +28,18 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graph_tools.adapters import files
-from graph_tools.adapters.compose import compose, pack_tensors, unpack_tensors, weights_from_slot_tensors
-from graph_tools.adapters.package import load_package
-from graph_tools.errors import AdapterError
+from graph_tools.adapters.compose import compose, pack_tensors, read_slot_weights, unpack_tensors
+from graph_tools.adapters.package import load_package, load_package_model
+from graph_tools.errors import AdapterError, LoraOnnxError
 
 __all__ = ["AdapterSession"]
 
 logger = logging.getLogger(__name__)
 
 AdapterChoice = str | Mapping[str, float] | None
+
+#: prepared feeds kept per adapter *combination* (single adapters are always kept)
+_MAX_COMBINATIONS = 32
 
 
 class AdapterSession:
@@ -49,17 +56,23 @@ class AdapterSession:
         self._slot_names = {s.name for s in self._slots}
         self._packs: list[dict] = list((self.manifest.extra or {}).get("packs") or [])
         self._weights: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
-        self._feeds: dict[object, dict[str, ort.OrtValue]] = {}
-        self._sessions: dict[object, ort.InferenceSession] = {}
+        self._feeds: collections.OrderedDict[object, dict[str, ort.OrtValue]] = collections.OrderedDict()
+        self._sessions: collections.OrderedDict[object, ort.InferenceSession] = collections.OrderedDict()
         self._base_values: dict[str, ort.OrtValue] | None = None
         self.external = self.manifest.mode == "external"
         self.quantized = bool((self.manifest.extra or {}).get("quantization"))
         self._raw: dict[str, dict[str, np.ndarray]] = {}
+        graph = load_package_model(self.package).graph  # checks the graph against the manifest
+        adapter_fed = self._slot_names | {p["name"] for p in self._packs}
+        self._required = [v.name for v in graph.inputs if v.name not in graph.initializers and v.name not in adapter_fed]
+        del graph
+        self._input_names = set(self._required)
         if not self.external:
-            self._session = ort.InferenceSession(str(self.package.model_path), self._session_options(), providers=self._providers)
-            self._input_names = {i.name for i in self._session.get_inputs()}
+            options = session_options if session_options is not None else self._session_options()
+            self._session = _create_session(self.package.model_path, options, self._providers)
+            self._input_names = {i.name for i in self._session.get_inputs()} - adapter_fed
         for spec in self.manifest.adapters:
-            self.load_adapter(spec.name, self.package.path / spec.file)
+            self._load(spec.name, self.package.path / spec.file, expected=set(spec.scale))
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -68,11 +81,16 @@ class AdapterSession:
 
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Read an adapter file, check it against the slots, prepare its values once."""
-        tensors = unpack_tensors(self._packs, files.read_adapter(Path(path)))
-        extra = sorted(set(tensors) - self._slot_names)
-        if extra:
-            raise AdapterError(f"{path}: tensor {extra[0]!r} is not a slot of this package")
-        if self.quantized:  # quantized values + encodings: fed as stored, one adapter per run
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter name must be a non-empty string, not {name!r}")
+        self._load(name, Path(path), expected=None)
+
+    def _load(self, name: str, path: Path, expected: set[str] | None) -> None:
+        if self.quantized:
+            tensors = unpack_tensors(self._packs, files.read_adapter(Path(path)), source=path)
+            extra = sorted(set(tensors) - self._slot_names)
+            if extra:
+                raise AdapterError(f"{path}: tensor {extra[0]!r} is not a slot of this package")  # quantized values + encodings: fed as stored, one adapter per run
             missing = sorted(self._slot_names - set(tensors))
             if missing:
                 raise AdapterError(f"{path}: missing tensor {missing[0]!r}")
@@ -81,7 +99,7 @@ class AdapterSession:
             weights = {}
             self._raw[name] = tensors
         else:
-            weights = weights_from_slot_tensors(self._slots, tensors, path)
+            weights = read_slot_weights(self._slots, self._packs, path, expected_modules=expected)
         with self._lock:
             self._weights[name] = weights
             for key in [k for k in self._feeds if _mentions(k, name)]:
@@ -100,6 +118,9 @@ class AdapterSession:
             for a in adapter:
                 if a not in self._weights:
                     raise AdapterError(f"unknown adapter {a!r}; loaded: {', '.join(self._weights) or 'none'}")
+            for a, w in adapter.items():
+                if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) or not math.isfinite(w):
+                    raise AdapterError(f"adapter {a!r}: weight must be a finite number, not {w!r}")
             return tuple(sorted((a, float(w)) for a, w in adapter.items())) or None
         raise AdapterError(f"adapter must be None, a name or a {{name: weight}} dict, not {type(adapter).__name__}")
 
@@ -123,6 +144,7 @@ class AdapterSession:
                 if feed is None:
                     feed = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._slot_values(key).items()}
                     self._feeds[key] = feed
+                    _evict(self._feeds)
         return feed
 
     # -- running -------------------------------------------------------------------------------
@@ -130,15 +152,32 @@ class AdapterSession:
             run_options: ort.RunOptions | None = None):
         """Run with ``adapter``: ``None`` (base model), a name, or ``{name: weight, ...}``."""
         key = self._key(adapter)
-        if self.external:
-            return self._external_session(key).run(output_names, dict(feeds), run_options)
-        bad = [n for n in feeds if n in self._slot_names or n not in self._input_names]
-        if bad:
-            raise AdapterError(f"feed {bad[0]!r} is not a model input of this package")
+        self._check_feeds(feeds)
         full = dict(feeds)
-        if key is not None:
-            full.update(self._feed_for(key))
-        return self._session.run(output_names, full, run_options)
+        if self.external:
+            session = self._external_session(key)
+        else:
+            session = self._session
+            if key is not None:
+                full.update(self._feed_for(key))
+        try:
+            return session.run(output_names, full, run_options)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+            raise LoraOnnxError(f"{self.package.path}: onnxruntime refused the run: {_first_line(exc)}") from None
+
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        if not isinstance(feeds, Mapping):
+            raise LoraOnnxError(f"feeds must be a dict of input name -> array, not {type(feeds).__name__}")
+        for name in feeds:
+            if name in self._slot_names or (name or "").startswith("lora_pack."):
+                raise LoraOnnxError(f"feed {name!r} is an adapter slot; choose adapters with adapter=..., not feeds")
+            if name not in self._input_names:
+                raise LoraOnnxError(
+                    f"feed {name!r} is not a model input of this package (inputs: {', '.join(sorted(self._input_names))})"
+                )
+        missing = [n for n in self._required if n not in feeds]
+        if missing:
+            raise LoraOnnxError(f"missing feed {missing[0]!r} (inputs: {', '.join(sorted(self._input_names))})")
 
     def get_inputs(self):
         session = self._session if not self.external else self._external_session(None)
@@ -170,15 +209,16 @@ class AdapterSession:
                 base = self._shared_base_values()
                 values.update(base)
                 options.add_external_initializers(list(values), list(values.values()))
-                session = ort.InferenceSession(str(self.package.model_path), options, providers=self._providers)
+                session = _create_session(self.package.model_path, options, self._providers)
                 session._lora_onnx_values = values  # keep the buffers alive as long as the session
                 self._sessions[key] = session
+                _evict(self._sessions)
         return session
 
     def _shared_base_values(self) -> dict[str, ort.OrtValue]:
         """Base weights as OrtValues over one memory map: every external-mode session shares them."""
         if self._base_values is None:
-            model = ir.load(self.package.model_path)
+            model = ir.load(self.package.model_path)  # fresh: external tensors, not placeholders
             values = {}
             maps: dict[str, np.memmap] = {}
             for init in model.graph.initializers.values():
@@ -193,6 +233,26 @@ class AdapterSession:
                 values[init.name] = ort.OrtValue.ortvalue_from_numpy(array)
             self._base_values = values
         return self._base_values
+
+
+def _create_session(path: Path, options: ort.SessionOptions, providers) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph, ort.capi.onnxruntime_pybind11_state.NoSuchFile) as exc:
+        raise LoraOnnxError(f"{path}: onnxruntime cannot load the package graph: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _evict(cache: collections.OrderedDict) -> None:
+    """Keep every single-adapter entry; drop the oldest combinations above the limit."""
+    combos = [k for k in cache if k is not None and (len(k) != 1 or k[0][1] != 1.0)]
+    for key in combos[: max(0, len(combos) - _MAX_COMBINATIONS)]:
+        del cache[key]
 
 
 def _mentions(key, name: str) -> bool:
