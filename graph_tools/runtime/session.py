@@ -5,8 +5,10 @@
   only = feed nothing (the slots' zero-rank defaults). Several adapters at once = their slots
   concatenated along rank with per-adapter weights (cached per combination).
 * ``external`` packages: adapter values are supplied at session creation through
-  ``SessionOptions.add_external_initializers``; one session per adapter (created on first use),
-  sharing the base weights, which are read once from the memory-mapped data file.
+  ``SessionOptions.add_initializer`` (plain onnxruntime users can use
+  ``add_external_initializers``, which copies); one session per adapter (created on first use),
+  all sharing the base weights, which are read once from the memory-mapped data file (weight
+  prepacking is disabled for these sessions so that no per-session packed copy is made).
 
 ``run`` is thread-safe: ORT's ``run`` is, and the caches are filled under a lock. The package's
 graph must match its manifest (graph fingerprint), so a manifest copied from another package is
@@ -208,7 +210,17 @@ class AdapterSession:
                 values = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self._slot_values(key).items()}
                 base = self._shared_base_values()
                 values.update(base)
-                options.add_external_initializers(list(values), list(values.values()))
+                # add_initializer uses the caller's buffers as they are; add_external_initializers
+                # copies them into every session, and MLAS prepacking makes a per-session packed copy
+                # of every MatMul weight: both would duplicate the base weights per adapter session.
+                # (slots, whose data file is deliberately absent, must go the external way: ORT
+                # validates external paths of add_initializer overrides; slots are small anyway).
+                options.add_session_config_entry("session.disable_prepacking", "1")
+                slot_values = {n: v for n, v in values.items() if n in self._slot_names}
+                options.add_external_initializers(list(slot_values), list(slot_values.values()))
+                for name, value in values.items():
+                    if name not in slot_values:
+                        options.add_initializer(name, value)
                 session = _create_session(self.package.model_path, options, self._providers)
                 session._lora_onnx_values = values  # keep the buffers alive as long as the session
                 self._sessions[key] = session
