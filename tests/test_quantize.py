@@ -169,3 +169,18 @@ def test_package_without_adapters_and_mismatched_encodings(float_package, tmp_pa
         "param_encodings": []}))
     with pytest.raises(EncodingsError, match="not_a_tensor"):
         read_encodings(enc_file, model=ir.load(float_package.model_path))
+
+
+@pytest.mark.parametrize("kwargs", [{"calibration_method": "percentile"}, {"symmetric_activations": True, "activations": "int16"}])
+def test_calibration_methods_and_symmetric(float_package, tmp_path, kwargs):
+    calib = _batches(2, seed=21)
+    qpkg = quantize(float_package.path, tmp_path / "q", calib, activation_scope="all", **kwargs)
+    base = read_encodings(qpkg.path / "encodings" / "default.encodings")
+    acts = list(base.activation_encodings.values())
+    if kwargs.get("symmetric_activations"):
+        assert all(e.is_symmetric and e.bitwidth == 16 for e in acts)
+    else:
+        assert not all(e.is_symmetric for e in acts)
+    fs, qs = AdapterSession(float_package.path), AdapterSession(qpkg.path)
+    for adapter in (None, "default"):
+        assert _cos(fs.run(None, calib[0], adapter=adapter)[0], qs.run(None, calib[0], adapter=adapter)[0]) > 0.99
