@@ -89,7 +89,7 @@ def plan_slots(model: ir.Model, sites: list[LoraSite], *, fixed_ranks: dict[str,
             raise AdapterError(f"module {module!r}: in/out features are not static ({first.in_features}, {first.out_features})")
         a_node = nodes[first.a_node]
         weight = a_node.inputs[0] if a_node.op_type == "Gather" else a_node.inputs[1]
-        dtype = weight.dtype if weight is not None and weight.dtype is not None else ir.DataType.FLOAT
+        dtype = _operand_dtype(weight)
         rank: int | str = (fixed_ranks or {}).get(module, f"lora_r.{module}")
         if first.kind == "conv":
             a_kernel = list(_effective_shape(a_node, weight))[1:]
@@ -106,6 +106,27 @@ def plan_slots(model: ir.Model, sites: list[LoraSite], *, fixed_ranks: dict[str,
                       a_name, b_name, s_name, a_shape, b_shape, [rank], 0, 1, rank)
         )
     return groups
+
+
+def _operand_dtype(value: ir.Value | None) -> ir.DataType:
+    """The element type an op consumes, also on graphs without value types: follow
+    Transpose/Identity/Reshape back to the stored tensor (a Cast decides by its ``to``)."""
+    for _ in range(16):
+        if value is None:
+            break
+        if value.dtype is not None:
+            return value.dtype
+        if value.const_value is not None:
+            return value.const_value.dtype
+        node = value.producer()
+        if node is None:
+            break
+        if node.op_type == "Cast":
+            return ir.DataType(node.attributes.get_int("to"))
+        if node.op_type not in ("Transpose", "Identity", "Reshape", "Squeeze", "Unsqueeze") or not node.inputs:
+            break
+        value = node.inputs[0]
+    return ir.DataType.FLOAT
 
 
 def _effective_shape(node: ir.Node, weight: ir.Value | None) -> tuple:

@@ -48,7 +48,12 @@ class AdapterSession:
     """Serve every adapter of a package from one ORT session (see module docstring)."""
 
     def __init__(self, package_dir: str | os.PathLike, *, providers: Sequence | None = None,
-                 session_options: ort.SessionOptions | None = None):
+                 session_options: ort.SessionOptions | None = None, session_config: Mapping[str, str] | None = None):
+        """``session_options`` is used as given in inputs mode; external mode builds one options
+        object per adapter session and copies its common attributes (threads, optimization level,
+        execution mode, arena, memory pattern). ``session_config`` entries (e.g.
+        ``{"session.intra_op.allow_spinning": "0"}``) are applied to every session in both modes."""
+        self._config = dict(session_config or {})
         self.package = load_package(package_dir)
         self.manifest = self.package.manifest
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -71,6 +76,9 @@ class AdapterSession:
         self._input_names = set(self._required)
         if not self.external:
             options = session_options if session_options is not None else self._session_options()
+            if session_options is not None:
+                for key, value in self._config.items():
+                    options.add_session_config_entry(key, str(value))
             self._session = _create_session(self.package.model_path, options, self._providers)
             self._input_names = {i.name for i in self._session.get_inputs()} - adapter_fed
         for spec in self.manifest.adapters:
@@ -197,6 +205,8 @@ class AdapterSession:
             for attr in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
                          "log_severity_level", "enable_cpu_mem_arena", "enable_mem_pattern"):
                 setattr(options, attr, getattr(self._options, attr))
+        for key, value in self._config.items():
+            options.add_session_config_entry(key, str(value))
         return options
 
     def _external_session(self, key) -> ort.InferenceSession:
