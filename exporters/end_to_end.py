@@ -292,6 +292,7 @@ def _verify(model, names, sites, package, served, quantize, quiet) -> list[Adapt
     feeds = {k: v.numpy() for k, v in feeds_t.items()}
     float_session = AdapterSession(package.path)
     q_session = AdapterSession(served.path) if served is not package else None
+    probe = _LayerProbe(float_session, q_session) if q_session is not None else None
     checks = []
     choices: list[str | None] = [None, *names]
     bar = _Progress("verify", len(choices), quiet)
@@ -305,7 +306,7 @@ def _verify(model, names, sites, package, served, quantize, quiet) -> list[Adapt
         if q_session is not None:
             q_out = q_session.run(None, feeds, adapter=adapter)
             q_err, q_cos = _compare(ref, q_out)
-            layer_errors = _layer_errors(float_session, q_session, feeds, adapter, sites)
+            layer_errors = probe.errors(feeds, adapter)
             session = q_session
         ms = _latency(session, feeds, adapter)
         spec = next((a for a in served.manifest.adapters if a.name == adapter), None)
@@ -331,44 +332,43 @@ def _latency(session, feeds, adapter, runs: int = 7) -> float:
     return float(np.median(times))
 
 
-def _layer_errors(float_session, q_session, feeds, adapter, sites) -> list[tuple[str, float]]:
-    """Relative error of the QDQ graph vs fp32 at every LoRA site's output (the site Add)."""
-    import onnx
-    import onnxruntime as ort
+class _LayerProbe:
+    """Relative error of the QDQ graph vs fp32 at every LoRA site's output (the site Add).
 
-    from graph_tools.lora import find_lora_sites
+    Built once per pipeline run: the site outputs are found once and both packages get one extra-
+    output session each; ``errors(adapter)`` then only runs them."""
 
-    def outputs(session, names):
-        path = session.package.model_path
-        proto = onnx.load(str(path), load_external_data=False)
-        have = {o.name for o in proto.graph.output}
-        for n in names:
-            if n not in have:
-                proto.graph.output.append(onnx.ValueInfoProto(name=n))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        s = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    def __init__(self, float_session, q_session):
+        import onnx_ir as ir
+
+        from graph_tools.lora import find_lora_sites
+        from graph_tools.quant.calibrate import session_with_outputs
+
+        self.float_session, self.q_session = float_session, q_session
+        f_model = ir.load(float_session.package.model_path)
+        nodes = {n.name: n for n in f_model.graph}
+        self.adds: list[tuple[str, str]] = []
+        for site in find_lora_sites(f_model):
+            node = nodes.get(site.add_node)
+            if node is not None and node.outputs[0].name not in {a for _, a in self.adds}:
+                self.adds.append((site.module, node.outputs[0].name))
+        q_values = {v.name for n in ir.load(q_session.package.model_path).graph for v in n.outputs}
+        # a site output that was quantized has a "<name>_dequant" twin; one kept float keeps its name
+        self.q_names = [f"{a}_dequant" if f"{a}_dequant" in q_values else a for _, a in self.adds]
+        self.f_run = session_with_outputs(float_session.package.model_path, [a for _, a in self.adds]) if self.adds else None
+        self.q_run = session_with_outputs(q_session.package.model_path, self.q_names) if self.adds else None
+
+    @staticmethod
+    def _outputs(run, session, names, feeds, adapter):
         key = session._key(adapter)
         full = dict(feeds)
         full.update(session._slot_values(key) if key else {})
-        return dict(zip(names, s.run(names, full)))
+        return run.run(names, full)
 
-    f_sites = find_lora_sites(float_session.package.model_path)
-    f_nodes = {n.name: n for n in __import__("onnx_ir").load(float_session.package.model_path).graph}
-    adds = []
-    for site in f_sites:
-        node = f_nodes.get(site.add_node)
-        if node is not None and node.outputs[0].name not in [a for _, a in adds]:
-            adds.append((site.module, node.outputs[0].name))
-    if not adds:
-        return []
-    f_vals = outputs(float_session, [a for _, a in adds])
-    q_graph_names = {o for n in onnx.load(str(q_session.package.model_path), load_external_data=False).graph.node for o in n.output}
-    q_names = [f"{a}_dequant" if f"{a}_dequant" in q_graph_names else a for _, a in adds]
-    q_vals = outputs(q_session, q_names)
-    errors = []
-    for (module, name), q_name in zip(adds, q_names):
-        f, q = f_vals[name], q_vals[q_name]
-        errors.append((module, float(np.linalg.norm(f - q) / (np.linalg.norm(f) + 1e-12))))
-    return errors
+    def errors(self, feeds, adapter) -> list[tuple[str, float]]:
+        if not self.adds:
+            return []
+        f_vals = self._outputs(self.f_run, self.float_session, [a for _, a in self.adds], feeds, adapter)
+        q_vals = self._outputs(self.q_run, self.q_session, self.q_names, feeds, adapter)
+        return [(module, float(np.linalg.norm(f - q) / (np.linalg.norm(f) + 1e-12)))
+                for (module, _), f, q in zip(self.adds, f_vals, q_vals)]

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from graph_tools.errors import QuantizationError
 
-__all__ = ["Ranges", "collect_ranges", "iter_calibration"]
+__all__ = ["Ranges", "collect_ranges", "iter_calibration", "session_with_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,23 +76,30 @@ def iter_calibration(calibration) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def collect_ranges(model_path: Path, tensors: list[str], runs: Mapping[str | None, Mapping[str, np.ndarray]],
-                   feeds: list[dict[str, np.ndarray]], *, method: str = "minmax") -> dict[str | None, Ranges]:
-    """Ranges of ``tensors`` for each run (``None`` = base; else adapter name -> slot feeds)."""
+def session_with_outputs(model_path: Path, names: Iterable[str]) -> ort.InferenceSession:
+    """An unoptimized ORT session of ``model_path`` whose outputs also include ``names``
+    (intermediate tensors). Only the graph is serialized; ORT reads the weights from the model's
+    own external data folder."""
     proto = onnx.load(str(model_path), load_external_data=False)
     existing = {o.name for o in proto.graph.output}
-    for name in tensors:
+    for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def collect_ranges(model_path: Path, tensors: list[str], runs: Mapping[str | None, Mapping[str, np.ndarray]],
+                   feeds: list[dict[str, np.ndarray]], *, method: str = "minmax") -> dict[str | None, Ranges]:
+    """Ranges of ``tensors`` for each run (``None`` = base; else adapter name -> slot feeds)."""
+    session = session_with_outputs(model_path, tensors)
     inputs = {i.name: i for i in session.get_inputs()}
-    user_inputs = [n for n in inputs if not any(n in run for run in runs.values() if run)]
     _check_feeds(feeds, inputs, runs)
     out_names = [o.name for o in session.get_outputs()]
+    wanted = set(tensors)
     result: dict[str | None, Ranges] = {}
     for key, slot_feed in runs.items():
         ranges = Ranges(method)
@@ -101,11 +108,10 @@ def collect_ranges(model_path: Path, tensors: list[str], runs: Mapping[str | Non
             full.update(slot_feed or {})
             values = session.run(out_names, full)
             for name, value in zip(out_names, values):
-                if name in tensors:
+                if name in wanted:
                     ranges.update(name, np.asarray(value, dtype=np.float32))
         result[key] = ranges
         logger.info("calibrated %s on %d batches", key or "base", len(feeds))
-    del user_inputs
     return result
 
 

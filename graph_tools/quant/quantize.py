@@ -74,7 +74,7 @@ def quantize(
         package.adapter_path(name)
     feeds = iter_calibration(calibration)
 
-    from graph_tools.adapters.compose import unpack_tensors, weights_from_slot_tensors
+    from graph_tools.adapters.compose import weights_from_slot_tensors
 
     adapter_weights = {}
     for name in chosen:
@@ -151,7 +151,7 @@ def quantize(
             a_enc.add(enc.from_quantize_linear(tensor_name, np.float32(scale), np.array(zp, act_q)))
         adapter_files[name] = tensors
         adapter_encs[name] = a_enc
-    for e in q.default_lora_param_encodings(man.slots, quant_slots, lora_q):
+    for e in q.default_lora_param_encodings(man.slots, lora_q):
         base_enc.add(e, param=True)
 
     new_slots = []
@@ -415,18 +415,22 @@ class _Quantizer:
         if axis is not None:
             shape[axis] = -1
         qw = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(qtype)
-        name = value.name
-        qv = self._const(f"{name}_quantized", qw)
-        s = self._const(f"{name}.scale", scale)
-        z = self._const(f"{name}.zero_point", np.zeros(scale.shape, qtype))
         attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
+        self._dequantized_weight(value, qw, scale, attrs)
+        return enc.from_quantize_linear(value.name, scale, np.zeros(scale.shape, qtype), axis=axis)
+
+    def _dequantized_weight(self, value: ir.Value, quantized: np.ndarray, scale: np.ndarray, attrs) -> None:
+        """Replace float initializer ``value`` by DequantizeLinear(quantized, scale, 0) under its name."""
+        name = value.name
+        qv = self._const(f"{name}_quantized", quantized)
+        s = self._const(f"{name}.scale", scale)
+        z = self._const(f"{name}.zero_point", np.zeros(scale.shape, quantized.dtype))
         dq = ir.Node("", "DequantizeLinear", [qv, s, z], attributes=attrs, name=f"qdq/{name}/DQ")
         self.graph.insert_before(next(iter(self.graph)), dq)
         ir.convenience.replace_all_uses_with(value, dq.outputs[0])
         del self.graph.initializers[name]
         dq.outputs[0].name = name
         dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
-        return enc.from_quantize_linear(name, scale, np.zeros(scale.shape, qtype), axis=axis)
 
     def quantize_weight_blockwise(self, value: ir.Value, block: int, channel_axis: int | None):
         """int4 symmetric, one scale per ``block`` inputs per output channel (2-D MatMul/Gemm weights).
@@ -450,18 +454,9 @@ class _Quantizer:
         q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7).reshape(moved.shape)
         q = np.moveaxis(q, 0, axis)
         scale = np.moveaxis(scale, 0, axis)  # blocks along `axis`
-        name = value.name
-        qv = self._const(f"{name}_quantized", q.astype(ml_dtypes.int4))
-        s = self._const(f"{name}.scale", scale)
-        z = self._const(f"{name}.zero_point", np.zeros(scale.shape, ml_dtypes.int4))
         attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block)]
-        dq = ir.Node("", "DequantizeLinear", [qv, s, z], attributes=attrs, name=f"qdq/{name}/DQ")
-        self.graph.insert_before(next(iter(self.graph)), dq)
-        ir.convenience.replace_all_uses_with(value, dq.outputs[0])
-        del self.graph.initializers[name]
-        dq.outputs[0].name = name
-        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
-        return enc.from_quantize_linear(name, scale, np.zeros(scale.shape, ml_dtypes.int4), axis=axis, block_size=block)
+        self._dequantized_weight(value, q.astype(ml_dtypes.int4), scale, attrs)
+        return enc.from_quantize_linear(value.name, scale, np.zeros(scale.shape, ml_dtypes.int4), axis=axis, block_size=block)
 
     def quantize_slot(self, slot, qtype) -> dict[str, str]:
         """Float slot input -> quantized input + scale input -> DequantizeLinear -> old uses."""
@@ -487,5 +482,5 @@ class _Quantizer:
         dq.outputs[0].shape, dq.outputs[0].type = old.shape, old.type
         return {"q": q_in.name, "scale": s_in.name}
 
-    def default_lora_param_encodings(self, slots, quant_slots, qtype):
+    def default_lora_param_encodings(self, slots, qtype):
         return [enc.from_quantize_linear(s.name, np.float32(1.0), np.zeros((), qtype)) for s in slots]
