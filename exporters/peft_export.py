@@ -20,8 +20,6 @@ import dataclasses
 import keyword
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -29,7 +27,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from graph_tools.errors import ExportError, NoLoraError, UnsupportedAdapterError
+from graph_tools._io import save_model
+from graph_tools.errors import ExportError, NoLoraError, UnsupportedAdapterError, first_line
 from graph_tools.lora import META_ADAPTER, META_MODULE, META_ROLE, LoraSite, find_lora_sites
 from graph_tools.lora import naming
 
@@ -406,19 +405,11 @@ def annotate_sites(model: ir.Model, sites: list[LoraSite]) -> None:
 
 
 def _save(model: ir.Model, path: Path, external_data: bool | None) -> str | None:
+    """Weights to ``<file>.data`` when asked, or automatically above the protobuf limit."""
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     use_external = external_data if external_data is not None else total > _PROTOBUF_LIMIT
-    data_name = f"{path.name}.data" if use_external else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        ir.save(model, tmp / path.name, external_data=data_name)
-        if data_name:
-            os.replace(tmp / data_name, path.parent / data_name)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return data_name
+    save_model(model, path, external_data=use_external)
+    return f"{path.name}.data" if use_external else None
 
 
 @contextlib.contextmanager
@@ -445,8 +436,5 @@ def _quiet_torch_onnx() -> Iterator[None]:
 
 
 def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line and not line.startswith("["):
-            return line[:300]
-    return type(exc).__name__
+    """torch.onnx messages open with "[torch.onnx] ..." banner lines; report the first real one."""
+    return first_line("\n".join(l for l in str(exc).splitlines() if not l.strip().startswith("[")) or exc, limit=300)

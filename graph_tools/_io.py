@@ -18,7 +18,7 @@ from typing import Iterator
 
 import onnx_ir as ir
 
-from graph_tools.errors import ExternalDataError, ModelLoadError
+from graph_tools.errors import ExternalDataError, ModelLoadError, first_line as _first_line
 
 __all__ = ["load_model", "check_external_data", "atomic_output", "atomic_file", "save_model"]
 
@@ -81,11 +81,6 @@ def _all_initializers(model: ir.Model) -> Iterator[ir.Value]:
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
                 yield from attr.value.initializers.values()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else "no detail"
 
 
 @contextlib.contextmanager

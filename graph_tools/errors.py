@@ -17,6 +17,7 @@ __all__ = [
     "PackageError",
     "QuantizationError",
     "EncodingsError",
+    "first_line",
 ]
 
 
@@ -58,3 +59,12 @@ class QuantizationError(LoraOnnxError):
 
 class EncodingsError(LoraOnnxError):
     """An encodings file is malformed or does not match the graph."""
+
+
+def first_line(exc: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (or of a text), at most ``limit`` chars:
+    what goes after "file: " in our one-line errors when a library fails underneath."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__ if isinstance(exc, BaseException) else "no detail"

@@ -184,3 +184,13 @@ def test_calibration_methods_and_symmetric(float_package, tmp_path, kwargs):
     fs, qs = AdapterSession(float_package.path), AdapterSession(qpkg.path)
     for adapter in (None, "default"):
         assert _cos(fs.run(None, calib[0], adapter=adapter)[0], qs.run(None, calib[0], adapter=adapter)[0]) > 0.99
+
+
+def test_quantized_session_refuses_a_float_adapter_file(float_package, w8a16):
+    from graph_tools import AdapterError
+
+    qpkg, _ = w8a16
+    session = AdapterSession(qpkg.path)
+    with pytest.raises(AdapterError, match="is not a slot of the package"):
+        session.load_adapter("float", float_package.adapter_path("default"))
+    assert "float" not in session.adapters

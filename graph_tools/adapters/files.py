@@ -55,7 +55,7 @@ import ml_dtypes
 import numpy as np
 
 from graph_tools._io import atomic_file
-from graph_tools.errors import AdapterError
+from graph_tools.errors import AdapterError, first_line
 
 __all__ = [
     "ADAPTER_SUFFIX",
@@ -221,8 +221,7 @@ def _check_readable(path: Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
+    text = first_line(exc, limit=1000)
     # onnxruntime prefixes messages with its source location and C++ signature: keep the reason.
     text = _ORT_LOCATION.sub("", text)
     if " was false. " in text:

@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from graph_tools._io import atomic_file
 from graph_tools.adapters.files import ADAPTER_FORMATS
-from graph_tools.errors import AdapterError, PackageError
+from graph_tools.errors import AdapterError, PackageError, first_line as _one_line
 
 __all__ = [
     "FORMAT_VERSION",
@@ -181,11 +181,6 @@ def _manifest_path(path: str | os.PathLike) -> Path:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------- validation

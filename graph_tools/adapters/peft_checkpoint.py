@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from graph_tools.errors import AdapterError
+from graph_tools.errors import AdapterError, first_line as _one_line
 from graph_tools.lora.naming import PEFT_PREFIX
 
 __all__ = [
@@ -394,8 +394,3 @@ def _pair_sites(
             b_key=keys["B"],
         )
     return sites, base_weights
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

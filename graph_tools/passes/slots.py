@@ -226,6 +226,8 @@ class ReplaceLoraWithSlotsPass(ir.passes.InPlacePass):
             node.metadata_props["lora_onnx.module"] = group.module
             node.metadata_props["lora_onnx.role"] = name or op
             new_nodes.append(node)
+            if op != "Constant":  # every branch value carries the slot dtype (later passes rely on types)
+                node.outputs[0].type = ir.TensorType(group.dtype)
             return node.outputs[0]
 
         if group.kind == "conv":

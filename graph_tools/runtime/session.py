@@ -30,9 +30,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graph_tools.adapters import files
+from graph_tools.adapters.manifest import check_adapter_tensors
 from graph_tools.adapters.compose import compose, pack_tensors, read_slot_weights, unpack_tensors
 from graph_tools.adapters.package import load_package, load_package_model
-from graph_tools.errors import AdapterError, LoraOnnxError
+from graph_tools.errors import AdapterError, LoraOnnxError, first_line as _first_line
 
 __all__ = ["AdapterSession"]
 
@@ -97,15 +98,9 @@ class AdapterSession:
 
     def _load(self, name: str, path: Path, expected: set[str] | None) -> None:
         if self.quantized:
+            # quantized values + encodings are fed as stored, one adapter per run
             tensors = unpack_tensors(self._packs, files.read_adapter(Path(path)), source=path)
-            extra = sorted(set(tensors) - self._slot_names)
-            if extra:
-                raise AdapterError(f"{path}: tensor {extra[0]!r} is not a slot of this package")  # quantized values + encodings: fed as stored, one adapter per run
-            missing = sorted(self._slot_names - set(tensors))
-            if missing:
-                raise AdapterError(f"{path}: missing tensor {missing[0]!r}")
-            for spec in self._slots:
-                _check_slot(spec, tensors[spec.name], path)
+            check_adapter_tensors(self.manifest, tensors, source=str(path))
             weights = {}
             self._raw[name] = tensors
         else:
@@ -265,11 +260,6 @@ def _create_session(path: Path, options: ort.SessionOptions, providers) -> ort.I
         raise LoraOnnxError(f"{path}: onnxruntime cannot load the package graph: {_first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
-
-
 def _evict(cache: collections.OrderedDict) -> None:
     """Keep every single-adapter entry; drop the oldest combinations above the limit."""
     combos = [k for k in cache if k is not None and (len(k) != 1 or k[0][1] != 1.0)]
@@ -279,10 +269,3 @@ def _evict(cache: collections.OrderedDict) -> None:
 
 def _mentions(key, name: str) -> bool:
     return key is not None and any(a == name for a, _ in key)
-
-
-def _check_slot(spec, array: np.ndarray, path) -> None:
-    if len(spec.shape) != array.ndim or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
-        raise AdapterError(f"{path}: tensor {spec.name!r} has shape {list(array.shape)}, slot expects {list(spec.shape)}")
-    if np.dtype(array.dtype).name != spec.dtype:
-        raise AdapterError(f"{path}: tensor {spec.name!r} has dtype {array.dtype}, slot expects {spec.dtype}")
