@@ -31,6 +31,9 @@ from graph_tools._io import save_model
 from graph_tools.errors import ExportError, NoLoraError, UnsupportedAdapterError, first_line
 from graph_tools.lora import META_ADAPTER, META_MODULE, META_ROLE, LoraSite, find_lora_sites
 from graph_tools.lora import naming
+from graph_tools.runtime.decoder import write_decoder_info
+
+from exporters import decoder
 
 __all__ = ["export_peft", "ExportResult", "lora_layers"]
 
@@ -59,6 +62,7 @@ def export_peft(
     opset: int | None = None,
     dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
     external_data: bool | None = None,
+    with_past: bool = False,
 ) -> ExportResult:
     """Export a PEFT LoRA model to ONNX keeping every adapter as an unmerged branch.
 
@@ -72,39 +76,51 @@ def export_peft(
             of transformers text inputs are dynamic, other inputs static.
         external_data: ``True`` puts weights in ``<file>.data``; ``None`` does so only above the
             protobuf limit.
+        with_past: export a causal LM as a KV-cache decoder (``input_ids``, ``attention_mask``,
+            ``position_ids``, ``past_key_values.{i}.key/value`` -> ``logits``,
+            ``present.{i}.key/value``; see :mod:`exporters.decoder`); ``example_inputs`` is
+            ``{"input_ids", "attention_mask"}``, axes are always dynamic.
     """
     layers = lora_layers(model)
     if not layers:
         raise NoLoraError(f"{type(model).__name__} has no PEFT LoRA layers to export")
-    names, args = _normalize_inputs(model, example_inputs)
-    axes = dict(dynamic_shapes) if dynamic_shapes is not None else _default_axes(model, names, args)
     output_path = Path(output_path)
     if output_path.suffix != ".onnx":
         raise ExportError(f"{output_path}: output path must end in .onnx")
     adapters = sorted({a for _, layer in layers for a in _layer_adapters(layer)})
-    wrapper = _make_wrapper(model, names, keywords=isinstance(example_inputs, Mapping))
+    info = None
+    if with_past:
+        if dynamic_shapes is not None:
+            raise ExportError("with_past=True: dynamic_shapes is not taken (batch, sequence and past axes are dynamic)")
+        info = decoder.decoder_info(model)
+        args, shapes = decoder.decoder_example(info, example_inputs, decoder.model_dtype(model))
+        names, output_names = decoder.io_names(info)
+        wrapper = decoder.DecoderWrapper(model, _WRAP, info.num_hidden_layers)
+        export_kwargs: dict[str, Any] = {"dynamic_shapes": shapes}
+    else:
+        names, args = _normalize_inputs(model, example_inputs)
+        axes = dict(dynamic_shapes) if dynamic_shapes is not None else _default_axes(model, names, args)
+        wrapper = _make_wrapper(model, names, keywords=isinstance(example_inputs, Mapping))
+        export_kwargs = {"input_names": names, "dynamic_axes": {k: dict(v) for k, v in axes.items()} or None}
     with _export_mode(model, layers):
-        with torch.no_grad():
-            outputs = wrapper(*args)
-        output_names = list(wrapper.output_names)
-        del outputs
+        if info is None:
+            with torch.no_grad():
+                outputs = wrapper(*args)
+            output_names = list(wrapper.output_names)
+            del outputs
+            export_kwargs["output_names"] = output_names
         try:
             with _quiet_torch_onnx():
                 program = torch.onnx.export(
-                    wrapper,
-                    tuple(args),
-                    dynamo=True,
-                    optimize=False,
-                    verbose=False,
-                    opset_version=opset,
-                    input_names=names,
-                    output_names=output_names,
-                    dynamic_axes={k: dict(v) for k, v in axes.items()} or None,
-                    report=False,
+                    wrapper, tuple(args), dynamo=True, optimize=False, verbose=False, opset_version=opset,
+                    report=False, **export_kwargs,
                 )
         except Exception as exc:  # torch raises many types; all mean "could not export"
             raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
     ir_model = program.model
+    if info is not None:
+        decoder.name_graph_io(ir_model, names, output_names)
+        write_decoder_info(ir_model, info)
     lora_params = _restore_names(ir_model, f"{_WRAP}.")
     _fold_weight_transposes(ir_model, lora_params)
     _optimize(ir_model, lora_params)

@@ -80,3 +80,35 @@ def zoo() -> Zoo:
 @pytest.fixture(scope="session")
 def graphs(zoo, tmp_path_factory) -> Graphs:
     return Graphs(zoo, tmp_path_factory.mktemp("graphs"))
+
+
+class DecoderExports:
+    """``decoders(family) -> (peft_model, path)``: a tiny PEFT causal LM of ``family`` (two
+    adapters, see decoder_models.py) exported once per run with ``export_peft(with_past=True)``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._built: dict[str, tuple] = {}
+
+    def __call__(self, family: str):
+        if family not in self._built:
+            import torch
+
+            import decoder_models
+            from exporters import export_peft
+
+            model = decoder_models.causal_lm(family)
+            example = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.int64)}
+            path = self.folder / f"{family}.onnx"
+            result = export_peft(model, example, path, with_past=True)
+            self._built[family] = (model, path, result)
+        return self._built[family][:2]
+
+    def result(self, family: str):
+        self(family)
+        return self._built[family][2]
+
+
+@pytest.fixture(scope="session")
+def decoders(tmp_path_factory) -> DecoderExports:
+    return DecoderExports(tmp_path_factory.mktemp("decoders"))
