@@ -34,6 +34,7 @@ from graph_tools.adapters.manifest import check_adapter_tensors
 from graph_tools.adapters.compose import compose, pack_tensors, read_slot_weights, unpack_tensors
 from graph_tools.adapters.package import load_package, load_package_model
 from graph_tools.errors import AdapterError, LoraOnnxError, first_line as _first_line
+from graph_tools.passes.mixed import ROWS_PREFIX
 
 __all__ = ["AdapterSession"]
 
@@ -70,6 +71,7 @@ class AdapterSession:
         self.external = self.manifest.mode == "external"
         self.quantized = bool((self.manifest.extra or {}).get("quantization"))
         self._raw: dict[str, dict[str, np.ndarray]] = {}
+        self._mixed = None  # graph_tools.runtime.mixed.MixedBatches, made on the first mixed batch
         graph = load_package_model(self.package).graph  # checks the graph against the manifest
         adapter_fed = self._slot_names | {p["name"] for p in self._packs}
         self._required = [v.name for v in graph.inputs if v.name not in graph.initializers and v.name not in adapter_fed]
@@ -111,6 +113,8 @@ class AdapterSession:
                 del self._feeds[key]
             for key in [k for k in self._sessions if _mentions(k, name)]:
                 del self._sessions[key]
+            if self._mixed is not None:
+                self._mixed.forget(name)
 
     def _key(self, adapter: AdapterChoice):
         if adapter is None:
@@ -153,9 +157,12 @@ class AdapterSession:
         return feed
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], adapter: AdapterChoice = None,
-            run_options: ort.RunOptions | None = None):
-        """Run with ``adapter``: ``None`` (base model), a name, or ``{name: weight, ...}``."""
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray],
+            adapter: AdapterChoice | Sequence[AdapterChoice] = None, run_options: ort.RunOptions | None = None):
+        """Run with ``adapter``: ``None`` (base model), a name, or ``{name: weight, ...}``; or a list
+        of those, one per batch row (a mixed batch, one run: :mod:`graph_tools.runtime.mixed`)."""
+        if isinstance(adapter, (list, tuple)):
+            return self._run_mixed(output_names, feeds, adapter, run_options)
         key = self._key(adapter)
         self._check_feeds(feeds)
         full = dict(feeds)
@@ -165,8 +172,29 @@ class AdapterSession:
             session = self._session
             if key is not None:
                 full.update(self._feed_for(key))
+        return self._ort_run(session, output_names, full, run_options)
+
+    def _run_mixed(self, output_names, feeds, choices: Sequence[AdapterChoice], run_options):
+        from graph_tools.runtime.mixed import MixedBatches, check_rows
+
+        keys = tuple(self._key(c) for c in choices)
+        if not keys:
+            raise AdapterError("adapter=[] lists no row choices; give one per batch row")
+        if len(set(keys)) == 1:  # every row the same: the package graph, one adapter
+            return self.run(output_names, feeds, choices[0], run_options)
+        self._check_feeds(feeds)
+        check_rows(feeds, len(keys))
+        if self._mixed is None:
+            with self._lock:
+                if self._mixed is None:
+                    self._mixed = MixedBatches(self)
+        with self._lock:
+            values = self._mixed.feed_for(keys)
+        return self._ort_run(self._mixed.session, output_names, {**feeds, **values}, run_options)
+
+    def _ort_run(self, session, output_names, feed, run_options):
         try:
-            return session.run(output_names, full, run_options)
+            return session.run(output_names, feed, run_options)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
             raise LoraOnnxError(f"{self.package.path}: onnxruntime refused the run: {_first_line(exc)}") from None
 
@@ -174,7 +202,7 @@ class AdapterSession:
         if not isinstance(feeds, Mapping):
             raise LoraOnnxError(f"feeds must be a dict of input name -> array, not {type(feeds).__name__}")
         for name in feeds:
-            if name in self._slot_names or (name or "").startswith("lora_pack."):
+            if name in self._slot_names or (name or "").startswith(("lora_pack.", ROWS_PREFIX)):
                 raise LoraOnnxError(f"feed {name!r} is an adapter slot; choose adapters with adapter=..., not feeds")
             if name not in self._input_names:
                 raise LoraOnnxError(

@@ -1,0 +1,201 @@
+"""Mixed-adapter batches: one adapter choice per batch row, all rows in one run.
+
+The package graph is left as it is (one adapter per run, no extra node: the single-adapter path
+keeps its speed); this pass derives a second graph, the *mixed form*, whose slot branches take
+per-row values. Rows are axis 0 of every model input.
+
+Linear / Conv1D and embedding sites: per-row stacked adapters (BGMV-style, the gather done once
+per batch composition on the host, scale folded into A)::
+
+    before:  x ─> base ────────────────────────────────────────────────> Add ─> y
+             └──> MatMul(x, Transpose(A)) ─> Mul(scale) ─> MatMul(., Transpose(B)) ┘
+
+    after:   x ─> base ─────────────────────────────────────────────────────────────> Add ─> y
+             └──> Reshape(x, [0, -1, in]) ─> MatMul(., rows.A) ─> MatMul(., rows.B)
+                                        ─> Reshape(., Shape(base)) ───────────────────┘
+             rows.A [rows, in, r] = A_row^T * scale_row, rows.B [rows, r, out] = B_row^T
+             (embedding: GatherND(rows.A [rows, num, r], ids[..., None], batch_dims=1))
+
+  Each row costs its own rank (the batch's largest rank; smaller ranks are zero-padded).
+
+Conv sites (a per-row kernel would need ``group = rows``, a static attribute): the chosen
+adapters concatenated along rank, as concurrency does, with a per-row scale mask::
+
+    x ─> Conv(x, rows.A [R, C, k..]) ─> Mul(Unsqueeze(rows.mask [rows, R])) ─> Conv(., rows.B) ─> Add
+
+Inputs are named ``lora_rows.<module>.A`` / ``.B`` (/ ``.mask``); the slot (and pack) inputs leave
+the mixed graph. :mod:`graph_tools.runtime.mixed` computes the values (:func:`mixed_feeds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_tools.errors import AdapterError
+from graph_tools.passes.slots import find_slot_branches
+
+__all__ = ["MixedSite", "mixed_sites", "MakeMixedBatchPass", "ROWS_PREFIX", "DESIGN"]
+
+logger = logging.getLogger(__name__)
+
+ROWS_PREFIX = "lora_rows."
+#: what the manifest records about the mixed form
+DESIGN = {
+    "linear": "rows: per-row stacked A^T*scale [rows, in, r] and B^T [rows, r, out], batched MatMul",
+    "embedding": "rows: per-row stacked A^T*scale [rows, num, r] (GatherND batch_dims=1) and B^T [rows, r, out]",
+    "conv": "mask: chosen adapters concatenated along rank, per-row scale mask [rows, R]",
+    "row_axis": 0,
+    "inputs": "lora_rows.<module>.A, lora_rows.<module>.B, lora_rows.<module>.mask (conv)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedSite:
+    """One module's mixed-form inputs.
+
+    Attributes:
+        module: module path (the manifest slot's ``site``).
+        kind: ``linear``, ``embedding`` or ``conv``.
+        dtype: numpy dtype name of the slot values.
+        a_name, b_name, mask_name: the mixed-form input names (``mask_name`` only for conv).
+        a_slot, b_slot, scale_slot: the slot names of the package graph.
+        a_shape, b_shape: the A/B slot shapes of the manifest (PEFT layout).
+    """
+
+    module: str
+    kind: str
+    dtype: str
+    a_name: str
+    b_name: str
+    mask_name: str | None
+    a_slot: str
+    b_slot: str
+    scale_slot: str
+    a_shape: tuple
+    b_shape: tuple
+
+
+def mixed_sites(slots) -> list[MixedSite]:
+    """The mixed-form inputs for the manifest ``slots`` (``SlotSpec``s), one entry per module."""
+    by_module: dict[str, dict[str, object]] = {}
+    for slot in slots:
+        by_module.setdefault(slot.site, {})[slot.role] = slot
+    sites = []
+    for module, roles in by_module.items():
+        if not {"lora_A", "lora_B", "lora_scale"} <= set(roles):
+            continue
+        a = roles["lora_A"]
+        kind = "conv" if len(a.shape) > 2 else "embedding" if a.name.endswith(".lora_embedding_A") else "linear"
+        prefix = f"{ROWS_PREFIX}{module}"
+        sites.append(MixedSite(module, kind, a.dtype, f"{prefix}.A", f"{prefix}.B",
+                               f"{prefix}.mask" if kind == "conv" else None,
+                               a.name, roles["lora_B"].name, roles["lora_scale"].name,
+                               tuple(a.shape), tuple(roles["lora_B"].shape)))
+    return sites
+
+
+class MakeMixedBatchPass(ir.passes.InPlacePass):
+    """Replace every slot branch by its mixed form (see the module docstring).
+
+    Attributes:
+        sites: from :func:`mixed_sites`.
+    """
+
+    def __init__(self, sites: list[MixedSite]):
+        super().__init__()
+        self.sites = sites
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        triples = [(s.module, s.a_slot, s.b_slot, s.scale_slot) for s in self.sites]
+        branches = {b.module: b for b in find_slot_branches(model, triples)}
+        for site in self.sites:
+            branch = branches.get(site.module)
+            if branch is None or branch.lora_x is None:
+                raise AdapterError(f"module {site.module!r}: slot branch not found in the package graph")
+            dtype = ir.DataType.from_numpy(np.dtype(site.dtype)) if site.dtype != "bfloat16" else ir.DataType.BFLOAT16
+            builder = _Builder(graph, site, dtype)
+            if site.kind == "conv":
+                out = builder.conv(branch)
+            else:
+                out = builder.rows(branch)
+            add = branch.add
+            index = next(i for i, v in enumerate(add.inputs) if v is not branch.base_input)
+            graph.insert_before(add, builder.nodes)
+            add.replace_input_with(index, out)
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
+        for value in list(graph.inputs):  # slot and pack inputs: no longer read
+            if not value.uses() and value.name in graph.initializers:
+                graph.inputs.remove(value)
+                del graph.initializers[value.name]
+        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            del graph.initializers[name]  # external-mode slots, pack indices
+        logger.info("mixed form: %d modules", len(self.sites))
+        return ir.passes.PassResult(model, modified=bool(self.sites))
+
+
+class _Builder:
+    def __init__(self, graph: ir.Graph, site: MixedSite, dtype: ir.DataType):
+        self.graph, self.site, self.dtype = graph, site, dtype
+        self.nodes: list[ir.Node] = []
+
+    def input(self, name: str, shape: list) -> ir.Value:
+        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(self.dtype))
+        self.graph.inputs.append(value)
+        return value
+
+    def add(self, op, inputs, attributes=(), name=None) -> ir.Value:
+        node = ir.Node("", op, inputs, attributes=list(attributes), name=f"lora_rows/{self.site.module}/{name or op}")
+        node.metadata_props["lora_onnx.module"] = self.site.module
+        node.metadata_props["lora_onnx.role"] = f"mixed.{name or op}"
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        return self.add("Constant", [], [ir.AttrTensor("value", ir.tensor(array))], name)
+
+    def rows(self, branch) -> ir.Value:
+        s = self.site
+        a_shape, b_shape = s.a_shape, s.b_shape
+        features, out = int(a_shape[1]), int(b_shape[0])
+        r = f"lora_rows_r.{s.module}"
+        a = self.input(s.a_name, ["lora_rows", features, r])
+        b = self.input(s.b_name, ["lora_rows", r, out])
+        if s.kind == "embedding":
+            ids = self.add("Reshape", [branch.lora_x, self.const("ids_shape", np.array([0, -1], np.int64))], name="ids_rows")
+            ids = self.add("Cast", [ids], [ir.AttrInt64("to", ir.DataType.INT64)], name="ids_int64")
+            ids = self.add("Unsqueeze", [ids, self.const("ids_axes", np.array([-1], np.int64))], name="ids_nd")
+            after_a = self.add("GatherND", [a, ids], [ir.AttrInt64("batch_dims", 1)], name="lora_A")
+        else:
+            x = self.add("Reshape", [branch.lora_x, self.const("x_shape", np.array([0, -1, features], np.int64))], name="x_rows")
+            after_a = self.add("MatMul", [x, a], name="lora_A")
+        y = self.add("MatMul", [after_a, b], name="lora_B")
+        return self.add("Reshape", [y, self.add("Shape", [branch.base_input], name="base_shape")], name="branch")
+
+    def conv(self, branch) -> ir.Value:
+        s = self.site
+        convs = [n for n in branch.nodes if n.op_type == "Conv"]
+        a_conv = next((n for n in convs if n.inputs[0] is branch.lora_x), None)
+        b_conv = next((n for n in convs if n is not a_conv), None)
+        if a_conv is None or b_conv is None:
+            raise AdapterError(f"module {s.module!r}: conv slot branch without its two Conv nodes")
+        for node in (a_conv, b_conv):
+            if node.attributes.get_int("group", 1) != 1:
+                raise AdapterError(f"module {s.module!r}: grouped LoRA conv; mixed batches need group=1")
+        a_shape, b_shape = s.a_shape, s.b_shape
+        r = f"lora_rows_r.{s.module}"
+        a = self.input(s.a_name, [r, *a_shape[1:]])
+        b = self.input(s.b_name, [b_shape[0], r, *b_shape[2:]])
+        mask = self.input(s.mask_name, ["lora_rows", r])
+        spatial = len(a_shape) - 2
+        attrs = lambda n: [v for v in n.attributes.values() if v.name != "kernel_shape"]  # noqa: E731
+        after_a = self.add("Conv", [branch.lora_x, a], attrs(a_conv), name="lora_A")
+        axes = self.const("mask_axes", np.arange(2, 2 + spatial, dtype=np.int64))
+        scaled = self.add("Mul", [after_a, self.add("Unsqueeze", [mask, axes], name="mask_nd")], name="lora_scale")
+        return self.add("Conv", [scaled, b], attrs(b_conv), name="lora_B")

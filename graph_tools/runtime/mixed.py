@@ -1,0 +1,153 @@
+"""Mixed-adapter batches for :class:`~graph_tools.runtime.session.AdapterSession`.
+
+``session.run(names, feeds, adapter=[choice_row0, choice_row1, ...])``: one choice per batch row
+(``None``, a name, or ``{name: weight}``), all rows in ONE onnxruntime run. The package graph is
+not touched (single-adapter runs keep their graph and speed); a second session serves the mixed
+form that :class:`~graph_tools.passes.mixed.MakeMixedBatchPass` derives (the package's
+``model.mixed.onnx`` when it ships one, else built in memory on first use, reading the base
+weights from the package's data file). A batch whose rows all make the same choice takes the
+ordinary single-adapter path.
+
+Feed values for a batch composition are computed once and cached (decode steps reuse them)::
+
+    rows.A[b] = concat_k(A_k * scale_k * weight_k)^T   [in, r_b] zero-padded to the batch's max rank
+    rows.B[b] = concat_k(B_k)^T                         [r_b, out]
+    conv:  A, B = every distinct choice concatenated along rank; mask[b] = its scales on its block
+
+Plain onnxruntime: ``mixed_feeds(package, weights, choices)`` gives the same ``lora_rows.*`` values
+to feed ``model.mixed.onnx`` with the model inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graph_tools.adapters.compose import _np_dtype
+from graph_tools.adapters.package import AdapterPackage, load_package_model
+from graph_tools.errors import AdapterError, PackageError
+from graph_tools.passes.mixed import MakeMixedBatchPass, MixedSite, mixed_sites
+
+__all__ = ["MixedBatches", "mixed_model", "mixed_feeds", "MIXED_FILE"]
+
+logger = logging.getLogger(__name__)
+
+MIXED_FILE = "model.mixed.onnx"
+_MAX_COMPOSITIONS = 16
+
+#: one row's choice, resolved: ((adapter weights {module: (A, B, scale)}, factor), ...)
+RowChoice = Sequence[tuple[Mapping[str, tuple[np.ndarray, np.ndarray, float]], float]]
+
+
+def mixed_model(package: AdapterPackage) -> ir.Model:
+    """The package graph in its mixed form (base weights stay lazy, in the package's data file)."""
+    model = load_package_model(package)
+    MakeMixedBatchPass(mixed_sites(package.manifest.slots))(model)
+    return model
+
+
+def mixed_feeds(sites: list[MixedSite], rows: Sequence[RowChoice]) -> dict[str, np.ndarray]:
+    """``lora_rows.*`` values for a batch: ``rows[b]`` = row b's adapters with their weights."""
+    feed: dict[str, np.ndarray] = {}
+    for site in sites:
+        dtype = np.dtype(_np_dtype(site.dtype))
+        parts = [[(w[site.module], f) for w, f in row if site.module in w] for row in rows]
+        if site.kind == "conv":
+            feed.update(_conv_values(site, parts, dtype))
+            continue
+        a_rows, b_rows = [], []
+        for members in parts:
+            a_rows.append([np.asarray(a, np.float64) * (s * f) for (a, _, s), f in members])
+            b_rows.append([np.asarray(b) for (_, b, _), _f in members])
+        rank = max([sum(a.shape[0] for a in row) for row in a_rows] + [1])
+        features, out = int(site.a_shape[1]), int(site.b_shape[0])
+        a = np.zeros((len(rows), features, rank), dtype)
+        b = np.zeros((len(rows), rank, out), dtype)
+        for i, (ar, br) in enumerate(zip(a_rows, b_rows)):
+            if ar:
+                cat_a, cat_b = np.concatenate(ar, 0), np.concatenate(br, 1)
+                a[i, :, : cat_a.shape[0]] = cat_a.T
+                b[i, : cat_b.shape[1], :] = cat_b.T
+        feed[site.a_name], feed[site.b_name] = a, b
+    return feed
+
+
+def _conv_values(site: MixedSite, parts, dtype) -> dict[str, np.ndarray]:
+    blocks: dict[tuple, int] = {}  # distinct choice -> rank offset
+    a_parts, b_parts, width = [], [], 0
+    keyed = []
+    for members in parts:
+        key = tuple((id(a), f) for (a, _, _), f in members)
+        if members and key not in blocks:
+            blocks[key] = width
+            for (a, b, _), _f in members:
+                a_parts.append(np.asarray(a, dtype))
+                b_parts.append(np.asarray(b, dtype))
+                width += a.shape[0]
+        keyed.append(key)
+    if not a_parts:  # no row adapts this module: one zero rank row
+        a_parts = [np.zeros((1, *map(int, site.a_shape[1:])), dtype)]
+        b_parts = [np.zeros((int(site.b_shape[0]), 1, *map(int, site.b_shape[2:])), dtype)]
+        width = 1
+    mask = np.zeros((len(parts), width), dtype)
+    for i, (members, key) in enumerate(zip(parts, keyed)):
+        offset = blocks.get(key, 0)
+        for (a, _, s), f in members:
+            mask[i, offset: offset + a.shape[0]] = s * f
+            offset += a.shape[0]
+    return {site.a_name: np.concatenate(a_parts, 0), site.b_name: np.concatenate(b_parts, 1), site.mask_name: mask}
+
+
+class MixedBatches:
+    """The mixed-form session of one :class:`AdapterSession` and its per-composition feeds."""
+
+    def __init__(self, owner):
+        self._owner = owner
+        package: AdapterPackage = owner.package
+        if owner.quantized:
+            raise AdapterError("a quantized package runs one adapter at a time; mixed batches need a float package")
+        self.sites = mixed_sites(package.manifest.slots)
+        self._feeds: collections.OrderedDict[tuple, dict[str, ort.OrtValue]] = collections.OrderedDict()
+        options = owner._session_options()
+        record = (package.manifest.extra or {}).get("mixed") or {}
+        path = package.path / record["file"] if record.get("file") else None
+        if path is not None and path.is_file():
+            source = str(path)
+        else:
+            proto = ir.serde.serialize_model(mixed_model(package))
+            source = proto.SerializeToString()
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(package.path))
+        try:
+            self.session = ort.InferenceSession(source, options, providers=owner._providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises several pybind error types
+            raise PackageError(f"{package.path}: onnxruntime cannot load the mixed-batch graph: {str(exc).splitlines()[0][:200]}") from None
+        logger.info("mixed-batch session for %s (%d modules)", package.path, len(self.sites))
+
+    def feed_for(self, keys: tuple) -> dict[str, ort.OrtValue]:
+        feed = self._feeds.get(keys)
+        if feed is None:
+            weights = self._owner._weights
+            rows = [[(weights[a], w) for a, w in key] if key else [] for key in keys]
+            feed = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in mixed_feeds(self.sites, rows).items()}
+            self._feeds[keys] = feed
+            while len(self._feeds) > _MAX_COMPOSITIONS:
+                self._feeds.popitem(last=False)
+        return feed
+
+    def forget(self, name: str) -> None:
+        """Drop cached compositions mentioning adapter ``name`` (it was reloaded)."""
+        for keys in [k for k in self._feeds if any(key and any(a == name for a, _ in key) for key in k)]:
+            del self._feeds[keys]
+
+
+def check_rows(feeds: Mapping[str, np.ndarray], count: int) -> None:
+    """The batch (axis 0 of the model inputs) must have one row per choice."""
+    sizes = {int(np.shape(v)[0]) for v in feeds.values() if np.ndim(v) >= 1}
+    if count not in sizes:
+        raise AdapterError(f"adapter= lists {count} row choices but the feeds' batch size is "
+                           f"{max(sizes) if sizes else 'unknown'} (axis 0)")

@@ -1,0 +1,75 @@
+"""Mixed-adapter batches: one adapter choice per row, one run; each row equals that row run alone
+with its own choice (fp32 <= 1e-5) and PEFT's output for that row (<= 1e-4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import package_helpers as H
+from graph_tools.errors import AdapterError, LoraOnnxError
+from graph_tools.runtime.session import AdapterSession
+
+#: three rows: adapters of different ranks, the base model, weighted combinations
+ROWS = {
+    "names": ["default", None, "second"],
+    "weighted": [{"default": 0.5, "second": 1.5}, "second", {"default": 1.0, "second": 1.0}],
+    "repeat": ["second", "second", "default"],
+}
+LABEL = {None: "base", "default": "default", "second": "second"}
+ROW_TOL = 1e-5
+
+
+def _label(choice) -> str:
+    if isinstance(choice, dict):
+        return "weighted" if choice == H.CHOICES["weighted"] else "both"
+    return LABEL[choice]
+
+
+def _row(feeds, i):
+    return {k: v[i: i + 1] for k, v in feeds.items()}
+
+
+def _check_rows(session: AdapterSession, case, rows):
+    names = [o.name for o in session.get_outputs()]
+    mixed = session.run(None, case.feeds, adapter=rows)
+    for i, choice in enumerate(rows):
+        alone = session.run(None, _row(case.feeds, i), adapter=choice)
+        for name, got, want in zip(names, mixed, alone):
+            assert got[i: i + 1].shape == want.shape
+            np.testing.assert_allclose(got[i: i + 1], want, rtol=0, atol=ROW_TOL, err_msg=f"row {i} {choice!r} {name}")
+        ref = {k: v[i: i + 1] for k, v in case.ref(_label(choice)).items()}
+        assert H.max_error(names, [m[i: i + 1] for m in mixed], ref) <= H.TOL
+
+
+@pytest.mark.parametrize("mode", ["inputs", "pack", "max_rank", "external"])
+@pytest.mark.parametrize("model", H.MODELS)
+def test_mixed_rows_equal_rows_alone(model, mode, zoo, graphs, tmp_path_factory):
+    case = H.get_case(model, zoo, graphs, tmp_path_factory)
+    session = AdapterSession(H.get_package(case, mode))
+    for rows in ROWS.values():
+        _check_rows(session, case, rows)
+
+
+def test_same_choice_everywhere_takes_the_package_graph(zoo, graphs, tmp_path_factory):
+    case = H.get_case("llama", zoo, graphs, tmp_path_factory)
+    session = AdapterSession(H.get_package(case, "inputs"))
+    got = session.run(None, case.feeds, adapter=["default"] * 3)
+    want = session.run(None, case.feeds, adapter="default")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert session._mixed is None  # no mixed-form session was made
+
+
+def test_mixed_bad_input(zoo, graphs, tmp_path_factory):
+    case = H.get_case("llama", zoo, graphs, tmp_path_factory)
+    session = AdapterSession(H.get_package(case, "inputs"))
+    with pytest.raises(AdapterError, match="3"):
+        session.run(None, case.feeds, adapter=["default", "second"])
+    with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
+        session.run(None, case.feeds, adapter=["default", "nope", None])
+    with pytest.raises(AdapterError, match="no row choices"):
+        session.run(None, case.feeds, adapter=[])
+    with pytest.raises(LoraOnnxError, match="adapter slot"):
+        session.run(None, {**case.feeds, "lora_rows.x.A": np.zeros(1, np.float32)}, adapter=["default", None, "second"])
