@@ -346,12 +346,11 @@ class _LayerProbe:
 
         self.float_session, self.q_session = float_session, q_session
         f_model = ir.load(float_session.package.model_path)
-        nodes = {n.name: n for n in f_model.graph}
         self.adds: list[tuple[str, str]] = []
         for site in find_lora_sites(f_model):
-            node = nodes.get(site.add_node)
-            if node is not None and node.outputs[0].name not in {a for _, a in self.adds}:
-                self.adds.append((site.module, node.outputs[0].name))
+            name = site.parts.add.outputs[0].name
+            if name and name not in {a for _, a in self.adds}:
+                self.adds.append((site.module, name))
         q_values = {v.name for n in ir.load(q_session.package.model_path).graph for v in n.outputs}
         # a site output that was quantized has a "<name>_dequant" twin; one kept float keeps its name
         self.q_names = [f"{a}_dequant" if f"{a}_dequant" in q_values else a for _, a in self.adds]

@@ -132,7 +132,8 @@ def export_peft(
     ir_model.producer_name = "lora-onnx"
     external = _save(ir_model, output_path, external_data)
     logger.info("exported %d LoRA sites (%d adapters) to %s", len(sites), len(adapters), output_path)
-    return ExportResult(output_path, sites, adapters, names, output_names, external)
+    # the result outlives the in-memory graph: keep the records, not the graph they point into
+    return ExportResult(output_path, [s.detached() for s in sites], adapters, names, output_names, external)
 
 
 # -- PEFT model inspection -------------------------------------------------------------------
@@ -404,20 +405,15 @@ def _check_sites(sites: list[LoraSite], layers) -> None:
 
 def annotate_sites(model: ir.Model, sites: list[LoraSite]) -> None:
     """Write module/adapter/role metadata on every node of every site."""
-    nodes = {n.name: n for n in model.graph}
     for site in sites:
-        roles = [("lora_A", site.a_node), ("lora_B", site.b_node), ("lora_scale", site.scale_node), ("lora_add", site.add_node)]
-        for role, node_name in roles:
-            node = nodes.get(node_name) if node_name else None
-            if node is None:
-                continue
+        parts = site.require_parts(model.graph)
+        roles = [("lora_A", parts.a), ("lora_B", parts.b), *(("lora_scale", n) for n in parts.scales), ("lora_add", parts.add)]
+        for role, node in roles:
             node.metadata_props[META_MODULE] = site.module
             node.metadata_props[META_ADAPTER] = site.adapter
             node.metadata_props[META_ROLE] = role
-        base = nodes.get(site.base_node)
-        if base is not None:
-            base.metadata_props[META_MODULE] = site.module
-            base.metadata_props[META_ROLE] = "base"
+        parts.base.metadata_props[META_MODULE] = site.module
+        parts.base.metadata_props[META_ROLE] = "base"
 
 
 def _save(model: ir.Model, path: Path, external_data: bool | None) -> str | None:

@@ -14,21 +14,32 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import onnx_ir as ir
 
+if TYPE_CHECKING:
+    import onnx
+
 from graph_tools.errors import ExternalDataError, ModelLoadError, first_line as _first_line
 
-__all__ = ["load_model", "check_external_data", "atomic_output", "atomic_file", "save_model"]
+__all__ = ["load_model", "working_copy", "check_external_data", "atomic_output", "atomic_file", "save_model"]
 
 logger = logging.getLogger(__name__)
 
 
-def load_model(model_or_path: ir.Model | str | os.PathLike) -> ir.Model:
-    """Return an ``ir.Model``; paths are loaded lazily and checked (see module docstring)."""
+def load_model(model_or_path: ir.Model | onnx.ModelProto | str | os.PathLike) -> ir.Model:
+    """Return an ``ir.Model``: an ``ir.Model`` as is, an ``onnx.ModelProto`` wrapped (its
+    tensors are shared, not copied), a path loaded lazily and checked (see module docstring)."""
     if isinstance(model_or_path, ir.Model):
         return model_or_path
+    if type(model_or_path).__name__ == "ModelProto" and hasattr(model_or_path, "SerializeToString"):
+        try:
+            return ir.from_proto(model_or_path)
+        except Exception as exc:  # noqa: BLE001 - a malformed proto is bad input
+            raise ModelLoadError(f"<onnx.ModelProto>: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise ModelLoadError(f"expected an ONNX model (path, onnx.ModelProto or onnx_ir.Model), not {type(model_or_path).__name__}")
     path = Path(model_or_path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
@@ -47,6 +58,14 @@ def load_model(model_or_path: ir.Model | str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path}: not a valid ONNX model (empty graph)")
     check_external_data(model, path.parent)
     return model
+
+
+def working_copy(model_or_path: ir.Model | onnx.ModelProto | str | os.PathLike) -> ir.Model:
+    """:func:`load_model`, but an ``ir.Model`` given by the caller is cloned (tensors shared), so
+    an API that transforms the graph never changes the caller's model."""
+    if isinstance(model_or_path, ir.Model):
+        return model_or_path.clone()
+    return load_model(model_or_path)
 
 
 def check_external_data(model: ir.Model, base_dir: str | os.PathLike) -> None:

@@ -15,16 +15,22 @@ import logging
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools._io import atomic_output, check_external_data, load_model
+if TYPE_CHECKING:
+    import onnx
+
+from graph_tools._io import atomic_output, check_external_data, working_copy
 from graph_tools.adapters import files, manifest as mf
 from graph_tools.adapters.compose import pack_tensors, slot_tensors
 from graph_tools.errors import AdapterError, ModelLoadError, NoLoraError, PackageError
 from graph_tools.lora import find_lora_sites
+from graph_tools.passes.extract import ReplaceLoraWithSlotsPass
 from graph_tools.passes.pack import PackSlotsPass, plan_packs
-from graph_tools.passes.slots import SLOT_LAYOUT, ReplaceLoraWithSlotsPass, plan_slots, read_adapter_weights
+from graph_tools.passes.slots import SLOT_LAYOUT, plan_slots, read_adapter_weights
 
 __all__ = [
     "AdapterPackage",
@@ -125,7 +131,7 @@ def load_package_model(package: AdapterPackage, *, verify: bool = True) -> ir.Mo
 
 
 def extract_adapters(
-    model_path: str | os.PathLike | ir.Model,
+    model_path: str | os.PathLike | ir.Model | onnx.ModelProto,
     out_dir: str | os.PathLike,
     *,
     mode: str = "inputs",
@@ -133,7 +139,8 @@ def extract_adapters(
     pack: bool = False,
     max_rank: int | None = None,
 ) -> AdapterPackage:
-    """Extract every adapter of a LoRA ONNX model into an adapter package (see module doc)."""
+    """Extract every adapter of a LoRA ONNX model (a path, an ``ir.Model`` or an
+    ``onnx.ModelProto``; never changed) into an adapter package (see module doc)."""
     if mode not in MODES:
         raise PackageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if format not in files.ADAPTER_SUFFIX:
@@ -142,8 +149,8 @@ def extract_adapters(
         raise PackageError("pack=True needs mode='inputs'")
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank <= 0):
         raise PackageError(f"max_rank must be a positive integer, not {max_rank!r}")
-    model = load_model(model_path)
-    source = str(model_path) if not isinstance(model_path, ir.Model) else "<ir.Model>"
+    model = working_copy(model_path)
+    source = str(model_path) if isinstance(model_path, (str, os.PathLike)) else f"<{type(model_path).__name__}>"
     sites = find_lora_sites(model)
     if not sites:
         raise NoLoraError(f"{source}: no LoRA sites found; nothing to extract")

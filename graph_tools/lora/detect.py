@@ -28,14 +28,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import onnx_ir as ir
 
+if TYPE_CHECKING:
+    import onnx
+
 from graph_tools._io import load_model
 from graph_tools.lora import naming
-from graph_tools.lora.site import Dim, LoraSite
+from graph_tools.lora.site import Dim, LoraSite, SiteParts
 
 __all__ = ["find_lora_sites", "META_MODULE", "META_ADAPTER", "META_ROLE"]
 
@@ -61,10 +64,11 @@ class _Weight:
     shape: tuple[Dim, ...] | None  # shape as the consuming op sees it
 
 
-def find_lora_sites(model_or_path: ir.Model | str | os.PathLike) -> list[LoraSite]:
-    """Return every LoRA site of a model (an ``ir.Model`` or a path), in graph order."""
-    model = load_model(model_or_path)
-    return _Detector(model.graph).run()
+def find_lora_sites(model: ir.Model | onnx.ModelProto | str | os.PathLike) -> list[LoraSite]:
+    """Return every LoRA site of a model (an ``ir.Model``, an ``onnx.ModelProto`` or a path), in
+    graph order. Each site's :attr:`~LoraSite.parts` are nodes of the graph read: of ``model``
+    itself when it is an ``ir.Model``."""
+    return _Detector(load_model(model).graph).run()
 
 
 class _Detector:
@@ -152,7 +156,7 @@ class _Detector:
         p, q = add.inputs
         if p is None or q is None:
             return None
-        for base_side, branch_side in ((p, q), (q, p)):
+        for base_index, (base_side, branch_side) in enumerate(((p, q), (q, p))):
             branch = self._match_branch(branch_side)
             if branch is None:
                 continue
@@ -160,19 +164,22 @@ class _Detector:
             if base is None:
                 continue
             base_node, prior = base
-            a_node, a_w, b_node, b_w, scale, scale_node, scale_value, x_root = branch
+            a_node, a_w, b_node, b_w, scale, x_root = branch
             if _strip(_data_input(base_node)) is not x_root:
                 continue
             shapes = _site_shapes(a_node, a_w, b_node, b_w)
             if shapes is None:
                 continue
-            kind, rank, in_f, out_f = shapes
-            if not _plausible(rank, in_f, out_f, base_node):
+            kind, rank, in_f, out_f, fan_in = shapes
+            if not _plausible(rank, fan_in, out_f, base_node):
                 continue
             self.site_of_add[add.outputs[0]] = (base_node, prior + 1)
             module, adapter, labeled_by = self._label(a_node, a_w, b_w, base_node)
             if module is None:
                 module = base_node.name or self._anonymous_module(base_node)
+            parts = SiteParts(base=base_node, a=a_node, b=b_node, add=add, scales=scale.nodes,
+                              a_value=a_w.source, b_value=b_w.source, scale_value=scale.named,
+                              base_index=base_index)
             site = LoraSite(
                 module=module,
                 adapter=adapter or f"{_UNNAMED}{prior}",
@@ -180,19 +187,21 @@ class _Detector:
                 rank=rank,
                 in_features=in_f,
                 out_features=out_f,
-                lora_a=a_w.source.name,
-                lora_b=b_w.source.name,
+                lora_a=a_w.source.name or "",
+                lora_b=b_w.source.name or "",
                 lora_a_perm=a_w.perm,
                 lora_b_perm=b_w.perm,
-                scale=scale,
-                scale_value=scale_value,
-                scale_node=scale_node,
-                base_node=base_node.name,
-                add_node=add.name,
-                a_node=a_node.name,
-                b_node=b_node.name,
+                scale=scale.named.name if scale.named is not None else scale.factor,
+                scale_factor=scale.factor if scale.named is not None else 1.0,
+                scale_value=scale.value_name,
+                scale_node=scale.nodes[0].name if scale.nodes else None,
+                base_node=base_node.name or "",
+                add_node=add.name or "",
+                a_node=a_node.name or "",
+                b_node=b_node.name or "",
                 base_weight=_base_weight_name(base_node),
                 labeled_by=labeled_by,
+                parts=parts,
             )
             if adapter is None and labeled_by != "structure":
                 self._unnamed.add(id(site))
@@ -200,34 +209,26 @@ class _Detector:
         return None
 
     def _match_branch(self, value: ir.Value):
-        scale: float | str = 1.0
-        scale_node = scale_value = None
-        value, s = _strip_scales(value)
-        if s:
-            scale, scale_node, scale_value = _combine(scale, s)
-        b_node = value.producer()
+        """``(a_node, a_w, b_node, b_w, scale, x)`` of a branch ending in ``value``, else None."""
+        value, after_b = _strip_scales(value)
+        b_node = value.producer() if value is not None else None
         if b_node is None or b_node.op_type not in _B_OPS or b_node.domain not in ("", "ai.onnx"):
             return None
         b_w = _weight_of(b_node)
         if b_w is None:
             return None
-        inner, s = _strip_scales(_data_input(b_node))
-        if s:
-            if scale_node is not None:
-                # scales on both sides of B: combine when both are constants
-                if isinstance(scale, str) or any(isinstance(f, str) for f, _, _ in s):
-                    return None
-            scale, scale_node2, scale_value2 = _combine(scale, s)
-            scale_node = scale_node or scale_node2
-            scale_value = scale_value or scale_value2
-        a_node = inner.producer()
+        inner, before_b = _strip_scales(_data_input(b_node))
+        scale = _Scale.of(after_b + before_b)
+        if scale is None:
+            return None
+        a_node = inner.producer() if inner is not None else None
         if a_node is None or a_node.op_type not in _A_OPS or a_node.domain not in ("", "ai.onnx"):
             return None
         a_w = _weight_of(a_node)
         if a_w is None:
             return None
         x_root = _strip(_data_input(a_node))
-        return a_node, a_w, b_node, b_w, scale, scale_node, scale_value, x_root
+        return a_node, a_w, b_node, b_w, scale, x_root
 
     def _match_base(self, value: ir.Value) -> tuple[ir.Node, int] | None:
         for _ in range(_MAX_STEPS):
@@ -362,8 +363,8 @@ def _scalar(value: ir.Value) -> float | str | None:
 
 
 def _strip_scales(value: ir.Value | None):
-    """Step back over passthrough ops and Mul/Div by scalars; return (value, [(factor, node, value_name)])."""
-    found: list[tuple[float | str, str, str | None]] = []
+    """Step back over passthrough ops and Mul/Div by scalars; return (value, [(factor, node, factor value)])."""
+    found: list[tuple[float | str, ir.Node, ir.Value]] = []
     for _ in range(_MAX_STEPS):
         node = value.producer() if value is not None else None
         if node is None:
@@ -375,7 +376,7 @@ def _strip_scales(value: ir.Value | None):
         if matched is None:
             return value, found
         value, factor, factor_value = matched
-        found.append((factor, node.name, factor_value.name if _is_named_scale(factor_value) else None))
+        found.append((factor, node, factor_value))
     return value, found
 
 
@@ -401,16 +402,32 @@ def _is_named_scale(value: ir.Value) -> bool:
     return w is not None and (w.source.is_initializer() or w.source.is_graph_input())
 
 
-def _combine(scale: float | str, found) -> tuple[float | str, str | None, str | None]:
-    node = value_name = None
-    for factor, node_name, vname in found:
-        node = node or node_name
-        value_name = value_name or vname
-        if isinstance(factor, str) or isinstance(scale, str):
-            scale = factor if isinstance(factor, str) else scale
-        else:
-            scale = scale * factor
-    return scale, node, value_name
+@dataclasses.dataclass(frozen=True)
+class _Scale:
+    """A branch's scale: ``factor`` (product of the constant factors) times ``named`` (the one
+    value that is not a constant: a graph input, or ``None``)."""
+
+    factor: float
+    named: ir.Value | None
+    nodes: tuple[ir.Node, ...]
+    value_name: str | None  # first factor held by an initializer/input (what strip may drop)
+
+    @staticmethod
+    def of(found) -> "_Scale | None":
+        """Combine the factors found around B; None when two or more are not constants (their
+        product is not one value a slot can hold, so this is not a site we can prove)."""
+        factor, named, value_name = 1.0, None, None
+        for f, _node, f_value in found:
+            if value_name is None and _is_named_scale(f_value):
+                value_name = f_value.name
+            if isinstance(f, str):
+                if named is not None:
+                    logger.debug("branch scaled by two non-constant values (%s, %s): not a site", named.name, f)
+                    return None
+                named = _weight_source(f_value).source
+            else:
+                factor *= f
+        return _Scale(float(factor), named, tuple(n for _, n, _ in found), value_name)
 
 
 def _site_shapes(a_node, a_w: _Weight, b_node, b_w: _Weight):
@@ -423,6 +440,7 @@ def _site_shapes(a_node, a_w: _Weight, b_node, b_w: _Weight):
             return None
         kind, in_f, rank_a = "embedding", a_shape[0], a_shape[1]
         rank_b, out_f = b_shape
+        fan_in = in_f
     elif op == "Conv":
         if b_node.op_type != "Conv" or len(a_shape) < 3 or len(b_shape) < 3:
             return None
@@ -430,21 +448,27 @@ def _site_shapes(a_node, a_w: _Weight, b_node, b_w: _Weight):
         kind, rank_a = "conv", a_shape[0]
         in_f = a_shape[1] * groups if isinstance(a_shape[1], int) else a_shape[1]
         out_f, rank_b = b_shape[0], b_shape[1]
+        # A sees C_in * kernel area numbers per output: a stem conv on RGB takes r up to 27 (3x3)
+        kernel = a_shape[2:]
+        fan_in = in_f * int(np.prod(kernel)) if isinstance(in_f, int) and all(isinstance(k, int) for k in kernel) else None
     else:
         if b_node.op_type not in ("MatMul", "Gemm") or len(a_shape) != 2 or len(b_shape) != 2:
             return None
         kind, (in_f, rank_a), (rank_b, out_f) = "linear", a_shape, b_shape
+        fan_in = in_f
     if isinstance(rank_a, int) and isinstance(rank_b, int) and rank_a != rank_b:
         return None
     rank = rank_a if rank_a is not None else rank_b
     if rank == 0:
         rank = rank_b
-    return kind, rank, in_f, out_f
+    return kind, rank, in_f, out_f, fan_in
 
 
-def _plausible(rank: Dim, in_f: Dim, out_f: Dim, base_node: ir.Node) -> bool:
+def _plausible(rank: Dim, fan_in: Dim, out_f: Dim, base_node: ir.Node) -> bool:
+    """The rank is at most what A reads (in features; for convs C_in * kernel area) and what B
+    writes, and the branch's output features are the base op's."""
     if isinstance(rank, int):
-        for feat in (in_f, out_f):
+        for feat in (fan_in, out_f):
             if isinstance(feat, int) and rank > feat:
                 return False
     base_out = _dims(base_node.outputs[0])

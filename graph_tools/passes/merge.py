@@ -2,6 +2,9 @@
 
 Before: ``Add(base(x, W), scale * B(A(x)))`` with A, B fed from slots.
 After:  ``base(x, W + scale * B @ A)`` (in the base op's layout); all branches removed.
+
+:class:`FoldAdapterPass` rewrites the base weights, :class:`~graph_tools.passes.strip.StripSlotsPass`
+then removes the branches; :func:`merge_adapter` runs both as one ``ir.passes.Sequential``.
 Works for every package mode (inputs, packed, fixed rank, external).
 """
 
@@ -17,13 +20,17 @@ import onnx_ir as ir
 from graph_tools.adapters.compose import read_slot_weights
 from graph_tools.adapters.package import load_package, load_package_model
 from graph_tools.errors import AdapterError
+from graph_tools.passes._base import LoraPass, run_passes
 from graph_tools.passes._weights import materialize
-from graph_tools.passes.slots import find_slot_branches
+from graph_tools.passes.slots import SlotBranch, find_slot_branches
 from graph_tools.passes.strip import StripSlotsPass, save_model_to
 
-__all__ = ["merge_adapter", "delta_weight"]
+__all__ = ["FoldAdapterPass", "merge_adapter", "delta_weight"]
 
 logger = logging.getLogger(__name__)
+
+_MERGED = ".merged"
+_KIND = {"Gather": "embedding", "Conv": "conv", "MatMul": "linear", "Gemm": "linear"}
 
 
 def delta_weight(kind: str, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
@@ -39,6 +46,53 @@ def delta_weight(kind: str, a: np.ndarray, b: np.ndarray, scale: float) -> np.nd
     return delta * np.float32(scale)
 
 
+class FoldAdapterPass(LoraPass):
+    """Add one adapter's ``scale * B @ A`` to the weight of the base op each slot branch joins.
+
+    Attributes:
+        weights: ``{module: (A, B, scale)}`` in PEFT layout (one adapter, padding removed).
+        branches: the package graph's slot branches (:func:`find_slot_branches` on this model).
+
+    Requires: every module of ``weights`` has a branch whose base op (MatMul, Gemm, Conv or
+    Gather with a constant weight) is found, and the delta has that weight's shape.
+    Ensures: each of those base ops reads its merged weight. The branches stay (strip them next).
+    """
+
+    def __init__(self, weights: dict[str, tuple[np.ndarray, np.ndarray, float]], branches: list[SlotBranch]):
+        super().__init__()
+        self.weights = weights
+        self.branches = {b.module: b for b in branches}
+
+    def _base(self, module: str) -> ir.Node:
+        branch = self.branches.get(module)
+        base = branch.base_node() if branch is not None else None
+        if base is None:
+            raise AdapterError(f"cannot find the base op of module {module!r} in the package graph")
+        if base.op_type not in _KIND:
+            raise AdapterError(f"module {module!r}: cannot merge into a {base.op_type} base op")
+        return base
+
+    def requires(self, model: ir.Model) -> None:
+        for module in self.weights:
+            if self._base(module).graph is not model.graph:
+                raise AdapterError(f"module {module!r}: its slot branch belongs to another graph")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        used_names: set[str] = set(model.graph.initializers)
+        for module, (a, b, scale) in self.weights.items():
+            base = self._base(module)
+            _fold(model.graph, base, delta_weight(_KIND[base.op_type], a, b, scale), module, used_names)
+        logger.info("folded %d modules into their base weights", len(self.weights))
+        return ir.passes.PassResult(model, modified=bool(self.weights))
+
+    def ensures(self, model: ir.Model) -> None:
+        for module in self.weights:
+            base = self._base(module)
+            weight = base.inputs[0 if base.op_type == "Gather" else 1]
+            if weight is None or not weight.is_initializer() or _MERGED not in (weight.name or ""):
+                raise AdapterError(f"module {module!r}: its base op does not read the merged weight")
+
+
 def merge_adapter(package_dir: str | os.PathLike, adapter: str, out_path: str | os.PathLike) -> Path:
     """Write ``out_path``: the package's base graph with ``adapter`` folded into the weights.
 
@@ -51,26 +105,16 @@ def merge_adapter(package_dir: str | os.PathLike, adapter: str, out_path: str | 
     path = package.path / spec.file
     model = load_package_model(package)  # first: a graph that is not the manifest's is refused as such
     weights = read_slot_weights(package.manifest.slots, package.packs, path, expected_modules=set(spec.scale))
-    branches = {b.module: b for b in find_slot_branches(model, package.slot_triples())}
-    used_names: set[str] = set(model.graph.initializers)
-    for module, (a, b, scale) in weights.items():
-        branch = branches.get(module)
-        base = branch.base_node() if branch is not None else None
-        if base is None:
-            raise AdapterError(f"adapter {adapter!r}: cannot find the base op of module {module!r} in the package graph")
-        kind = {"Gather": "embedding", "Conv": "conv"}.get(base.op_type, "linear")
-        _fold(model.graph, base, kind, delta_weight(kind, a, b, scale), module, used_names)
-    StripSlotsPass(list(branches.values()))(model)
+    branches = find_slot_branches(model, package.slot_triples())
+    run_passes(model, FoldAdapterPass(weights, branches), StripSlotsPass(branches))
     out = save_model_to(model, out_path)
     logger.info("merged adapter %r (%d modules) into %s", adapter, len(weights), out)
     return out
 
 
-def _fold(graph: ir.Graph, base: ir.Node, kind: str, delta: np.ndarray, module: str, used_names: set[str]) -> None:
+def _fold(graph: ir.Graph, base: ir.Node, delta: np.ndarray, module: str, used_names: set[str]) -> None:
     index = 0 if base.op_type == "Gather" else 1
     value = base.inputs[index]
-    if base.op_type not in ("MatMul", "Gemm", "Conv", "Gather"):
-        raise AdapterError(f"module {module!r}: cannot merge into a {base.op_type} base op")
     weight = materialize(value)
     if base.op_type == "MatMul":
         delta = delta.T  # [in, out]
@@ -79,7 +123,7 @@ def _fold(graph: ir.Graph, base: ir.Node, kind: str, delta: np.ndarray, module: 
     if weight.shape != delta.shape:
         raise AdapterError(f"module {module!r}: base weight {list(weight.shape)} vs delta {list(delta.shape)}")
     merged = (weight.astype(np.float32) + delta).astype(weight.dtype)
-    stem = f"{value.name if value.is_initializer() else module + '.weight'}.merged"
+    stem = f"{value.name if value.is_initializer() else module + '.weight'}{_MERGED}"
     name, i = stem, 1
     while name in used_names:  # a weight shared by several adapted modules gets one copy each
         name, i = f"{stem}.{i}", i + 1

@@ -1,15 +1,6 @@
-"""Turn every LoRA site into adapter-independent *slots*.
-
-Before (per module, one branch per adapter, weights baked in)::
-
-    x ─> base ──────────────────────────────> Add ─> Add ─> y
-    └──> A_default ─> B_default ─> Mul(s) ─────┘      │
-    └──> A_second ─> B_second ─> Mul(s) ──────────────┘
-
-After (one branch per module; A, B and the per-rank scale are graph inputs)::
-
-    x ─> base ──────────────────────────────────────────────> Add ─> y
-    └──> op_A(x, Transpose(A_slot)) ─> Mul(scale_slot) ─> op_B(., Transpose(B_slot)) ┘
+"""Adapter-independent *slots*: the plan (:func:`plan_slots`, :func:`read_adapter_weights`) that
+:class:`graph_tools.passes.extract.ReplaceLoraWithSlotsPass` applies, and reading slot branches
+back from a package graph (:func:`find_slot_branches`).
 
 Slots hold PEFT's parameter layout (``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]; conv
 kernels as-is; embeddings ``lora_embedding_A`` [r, num], ``lora_embedding_B`` [dim, r]) and are
@@ -32,7 +23,7 @@ from graph_tools.lora import LoraSite
 from graph_tools.lora.naming import PEFT_PREFIX
 from graph_tools.passes._weights import materialize, to_peft_layout
 
-__all__ = ["SlotGroup", "plan_slots", "read_adapter_weights", "ReplaceLoraWithSlotsPass", "slot_names"]
+__all__ = ["SlotGroup", "plan_slots", "read_adapter_weights", "slot_names", "SlotBranch", "find_slot_branches", "infer_slot_specs"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,27 +65,30 @@ def slot_names(module: str, kind: str) -> tuple[str, str, str]:
 def plan_slots(model: ir.Model, sites: list[LoraSite], *, fixed_ranks: dict[str, int] | None = None) -> list[SlotGroup]:
     """Group sites by module and decide each slot's name, shape and dtype.
 
+    ``sites`` come from :func:`find_lora_sites` on ``model`` (the plan refers to their nodes).
     ``fixed_ranks`` maps module -> rank for fixed-shape slots; modules absent get a dynamic rank.
     """
     if not sites:
         raise NoLoraError("the model has no LoRA sites")
-    nodes = {n.name: n for n in model.graph}
     by_module: dict[str, list[LoraSite]] = {}
     for site in sites:
+        site.require_parts(model.graph)
         by_module.setdefault(site.module, []).append(site)
     groups = []
     for module, module_sites in by_module.items():
         first = module_sites[0]
         if not isinstance(first.in_features, int) or not isinstance(first.out_features, int):
             raise AdapterError(f"module {module!r}: in/out features are not static ({first.in_features}, {first.out_features})")
-        a_node = nodes[first.a_node]
-        weight = a_node.inputs[0] if a_node.op_type == "Gather" else a_node.inputs[1]
+        kinds = {s.kind for s in module_sites}
+        if len(kinds) != 1:
+            raise AdapterError(f"module {module!r}: its LoRA branches are of different kinds ({', '.join(sorted(kinds))})")
+        a_node, b_node = first.parts.a, first.parts.b
+        weight = _weight_operand(a_node)
         dtype = _operand_dtype(weight)
         rank: int | str = (fixed_ranks or {}).get(module, f"lora_r.{module}")
         if first.kind == "conv":
             a_kernel = list(_effective_shape(a_node, weight))[1:]
-            b_node = nodes[first.b_node]
-            b_kernel = list(_effective_shape(b_node, b_node.inputs[1]))[2:]
+            b_kernel = list(_effective_shape(b_node, _weight_operand(b_node)))[2:]
             a_shape = [rank, *a_kernel]
             b_shape = [first.out_features, rank, *b_kernel]
         else:
@@ -106,6 +100,10 @@ def plan_slots(model: ir.Model, sites: list[LoraSite], *, fixed_ranks: dict[str,
                       a_name, b_name, s_name, a_shape, b_shape, [rank], 0, 1, rank)
         )
     return groups
+
+
+def _weight_operand(node: ir.Node) -> ir.Value | None:
+    return node.inputs[0] if node.op_type == "Gather" else node.inputs[1]
 
 
 def _operand_dtype(value: ir.Value | None) -> ir.DataType:
@@ -130,165 +128,50 @@ def _operand_dtype(value: ir.Value | None) -> ir.DataType:
 
 
 def _effective_shape(node: ir.Node, weight: ir.Value | None) -> tuple:
-    if weight is None or weight.shape is None:
-        raise AdapterError(f"node {node.name!r}: weight shape unknown")
-    return tuple(weight.shape)
+    shape = None if weight is None else weight.shape
+    if shape is None and weight is not None and weight.const_value is not None:
+        shape = weight.const_value.shape
+    if shape is None:
+        raise AdapterError(f"node {node.name or node.op_type!r}: weight shape unknown")
+    return tuple(shape)
 
 
 def read_adapter_weights(model: ir.Model, groups: list[SlotGroup]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]]:
-    """``{adapter: {module: (A, B, scale)}}`` in PEFT layout, read from the graph (LoRA bytes only)."""
-    nodes = {n.name: n for n in model.graph}
-    values = _value_index(model.graph)
+    """``{adapter: {module: (A, B, scale)}}`` in PEFT layout, read from the graph (LoRA bytes only).
+
+    A scale held by a graph input is read from its default initializer (times the site's
+    constant ``scale_factor``); a LoRA weight or scale without a value in the graph is refused."""
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
     for group in groups:
         for site in group.sites:
-            a = _effective_weight(nodes[site.a_node])
-            b = _effective_weight(nodes[site.b_node])
+            parts = site.require_parts(model.graph)
+            where = f"module {site.module!r}, adapter {site.adapter!r}"
+            a = _effective_weight(parts.a, where, "lora_A")
+            b = _effective_weight(parts.b, where, "lora_B")
             scale = site.scale
             if isinstance(scale, str):
-                value = values.get(scale)
-                if value is None or value.const_value is None:
-                    raise AdapterError(f"site {site.module!r}/{site.adapter!r}: scale {scale!r} has no value in the graph")
-                scale = float(value.const_value.numpy().reshape(-1)[0])
+                value = parts.scale_value
+                tensor = value.const_value if value is not None else None
+                if tensor is None:
+                    raise AdapterError(f"{where}: scale {scale!r} is a graph input without a default value; nothing to extract")
+                array = tensor.numpy().reshape(-1)
+                if array.size != 1 and not np.all(array == array[0]):
+                    raise AdapterError(f"{where}: scale {scale!r} differs between rank rows; cannot store one scale per adapter")
+                scale = site.scale_factor * float(array[0])
             out.setdefault(site.adapter, {})[group.module] = (
                 to_peft_layout(group.kind, "A", a), to_peft_layout(group.kind, "B", b), float(scale)
             )
     return out
 
 
-def _effective_weight(node: ir.Node) -> np.ndarray:
-    weight = node.inputs[0] if node.op_type == "Gather" else node.inputs[1]
-    array = materialize(weight)
+def _effective_weight(node: ir.Node, where: str, role: str) -> np.ndarray:
+    try:
+        array = materialize(_weight_operand(node))
+    except AdapterError as exc:
+        raise AdapterError(f"{where}: {role}: {exc}; nothing to extract") from None
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
         array = array.T
     return array
-
-
-def _value_index(graph: ir.Graph) -> dict[str, ir.Value]:
-    index = {v.name: v for v in graph.inputs}
-    index.update(graph.initializers)
-    return index
-
-
-class ReplaceLoraWithSlotsPass(ir.passes.InPlacePass):
-    """Replace each module's LoRA branches by one branch reading slot values.
-
-    Attributes:
-        groups: the plan from :func:`plan_slots`.
-        as_inputs: slots become graph inputs with default initializers (``inputs`` mode); else
-            plain initializers (``external`` mode, values supplied at session creation).
-    """
-
-    def __init__(self, groups: list[SlotGroup], *, as_inputs: bool = True):
-        super().__init__()
-        self.groups = groups
-        self.as_inputs = as_inputs
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        nodes = {n.name: n for n in graph}
-        old_lora_values: set[ir.Value] = set()
-        for group in self.groups:
-            self._rewrite_group(graph, nodes, group, old_lora_values)
-        from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-        RemoveUnusedNodesPass()(model)
-        # LoRA weights that were graph inputs (no longer used) leave the signature too
-        for value in list(graph.inputs):
-            if value in old_lora_values and not value.uses():
-                graph.inputs.remove(value)
-                if value.name in graph.initializers:
-                    del graph.initializers[value.name]
-        logger.info("replaced %d LoRA modules by slots", len(self.groups))
-        return ir.passes.PassResult(model, modified=bool(self.groups))
-
-    def _rewrite_group(self, graph: ir.Graph, nodes, group: SlotGroup, old_lora_values: set) -> None:
-        sites = group.sites
-        first_add = nodes[sites[0].add_node]
-        last_add = nodes[sites[-1].add_node]
-        a_node = nodes[sites[0].a_node]
-        b_node = nodes[sites[0].b_node]
-        x = a_node.inputs[1] if a_node.op_type == "Gather" else a_node.inputs[0]
-        base_out = _base_side(first_add, nodes[sites[0].b_node], sites[0])
-        for site in sites:
-            for n in (nodes[site.a_node], nodes[site.b_node]):
-                for v in n.inputs:
-                    if v is not None and v.is_graph_input():
-                        old_lora_values.add(v)
-        a_slot = self._slot(graph, group.a_name, group.a_shape, group.dtype)
-        b_slot = self._slot(graph, group.b_name, group.b_shape, group.dtype)
-        s_slot = self._slot(graph, group.scale_name, group.scale_shape, group.dtype)
-        tag = group.module
-        new_nodes: list[ir.Node] = []
-
-        def add(op, inputs, attributes=None, name=None):
-            node = ir.Node("", op, inputs, attributes=attributes or [], name=f"lora_slot/{tag}/{name or op}")
-            node.metadata_props["lora_onnx.module"] = group.module
-            node.metadata_props["lora_onnx.role"] = name or op
-            new_nodes.append(node)
-            if op != "Constant":  # every branch value carries the slot dtype (later passes rely on types)
-                node.outputs[0].type = ir.TensorType(group.dtype)
-            return node.outputs[0]
-
-        if group.kind == "conv":
-            conv_attrs = [a for a in a_node.attributes.values() if a.name != "kernel_shape"]
-            after_a = add("Conv", [x, a_slot], conv_attrs, "lora_A")
-            ndim = len(group.a_shape) - 2
-            s_shape = add("Constant", [], [ir.AttrTensor("value", ir.tensor(np.array([-1] + [1] * ndim, np.int64)))], "scale_shape")
-            scale = add("Reshape", [s_slot, s_shape], name="scale_reshape")
-            scaled = add("Mul", [after_a, scale], name="lora_scale")
-            b_attrs = [a for a in b_node.attributes.values() if a.name != "kernel_shape"]
-            branch = add("Conv", [scaled, b_slot], b_attrs, "lora_B")
-        else:
-            perm = [ir.AttrInt64s("perm", [1, 0])]
-            a_t = add("Transpose", [a_slot], perm, "lora_A_T")
-            after_a = add("Gather", [a_t, x], name="lora_A") if group.kind == "embedding" else add("MatMul", [x, a_t], name="lora_A")
-            scaled = add("Mul", [after_a, s_slot], name="lora_scale")
-            b_t = add("Transpose", [b_slot], perm, "lora_B_T")
-            branch = add("MatMul", [scaled, b_t], name="lora_B")
-        out = add("Add", [base_out, branch], name="lora_add")
-        old_out = last_add.outputs[0]
-        graph.insert_after(last_add, new_nodes)
-        out_value_name = old_out.name
-        ir.convenience.replace_all_uses_with(old_out, out)
-        if old_out.is_graph_output():
-            idx = [i for i, o in enumerate(graph.outputs) if o is old_out]
-            for i in idx:
-                graph.outputs[i] = out
-        old_out.name = None
-        out.name = out_value_name
-        out.shape = old_out.shape
-        out.type = old_out.type
-
-    def _slot(self, graph: ir.Graph, name: str, shape: list[int | str], dtype: ir.DataType) -> ir.Value:
-        default_shape = [0 if isinstance(d, str) else d for d in shape]
-        default = ir.tensor(np.zeros(default_shape, dtype=dtype.numpy()), dtype=dtype, name=name)
-        if name in graph.initializers:
-            raise AdapterError(f"slot name {name!r} already exists in the graph")
-        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=default)
-        if self.as_inputs:
-            graph.inputs.append(value)
-        graph.register_initializer(value)
-        return value
-
-
-def _base_side(add: ir.Node, b_node: ir.Node, site: LoraSite) -> ir.Value:
-    """The Add input that is the base path (not the LoRA branch)."""
-    p, q = add.inputs
-    return p if _reaches(q, b_node) else q
-
-
-def _reaches(value: ir.Value, target: ir.Node, depth: int = 0) -> bool:
-    if value is None or depth > 20:
-        return False
-    node = value.producer()
-    if node is None:
-        return False
-    if node is target:
-        return True
-    if node.op_type in ("Add", "MatMul", "Gemm", "Conv", "Gather", "MatMulNBits"):
-        return False
-    return any(_reaches(v, target, depth + 1) for v in node.inputs)
 
 
 # -------------------------------------------------------------------------- slot graphs: reading

@@ -213,12 +213,10 @@ def _check_types(weights, activations, lora_weights, scope, version) -> None:
 
 
 def _lora_activations(model: ir.Model, sites) -> set[str]:
-    nodes = {n.name: n for n in model.graph}
     names = set()
     for site in sites:
-        for node_name in (site.a_node, site.scale_node, site.b_node, site.add_node):
-            node = nodes.get(node_name) if node_name else None
-            if node is not None:
+        for node in site.require_parts(model.graph).lora_nodes():
+            if node.outputs[0].name:
                 names.add(node.outputs[0].name)
     return names
 
