@@ -170,3 +170,19 @@ def test_external_data(zoo, tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]  # no temp leftovers
     assert {s.key for s in find_lora_sites(path)} == models.EXPECTED["cnn"]
     assert max_export_error(path, model, "cnn") <= TOL
+
+
+def test_stem_conv_with_rank_above_input_channels(tmp_path):
+    """A stem conv on RGB with r=4 > C_in=3 (A reads C_in * 3 * 3 = 27 numbers per output): kept
+    as a branch and detected, and ORT matches PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(models.SEED)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["conv1"], lora_dropout=0.0, init_lora_weights=False)
+    model = models._finish(get_peft_model(models.TinyCNN().eval(), config), models.SEED)
+    inputs = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+    result = export_peft(model, inputs, tmp_path / "stem.onnx", dynamic_shapes=models.dynamic_axes("cnn", inputs))
+    (site,) = find_lora_sites(result.path)
+    assert (site.module, site.kind, site.rank, site.in_features) == ("conv1", "conv", 4, 3)
+    assert max_export_error(result.path, model, "cnn") <= TOL

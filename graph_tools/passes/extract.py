@@ -34,6 +34,34 @@ __all__ = ["ReplaceLoraWithSlotsPass"]
 logger = logging.getLogger(__name__)
 
 
+def _reshaped_after_b(module: str, parts) -> bool:
+    """Whether the old branch changes its shape between B and the ``Add`` (a 2-D view of the
+    input, reshaped back): the new branch is then reshaped to the base output's shape. A
+    Transpose there is refused (the new branch would not reproduce it)."""
+    value = parts.add.inputs[1 - parts.base_index]
+    reshaped = False
+    for _ in range(32):
+        node = value.producer() if value is not None else None
+        if node is None or node is parts.b:
+            return reshaped
+        if node.op_type == "Transpose":
+            raise AdapterError(f"module {module!r}: its LoRA branch transposes the output of B; cannot rebuild it with slots")
+        if node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            reshaped = True
+        if node in parts.scales:  # the data operand of a Mul/Div: the one that leads back to B
+            value = next((i for i in node.inputs if _leads_to(i, parts.b)), None)
+        else:
+            value = node.inputs[0] if node.inputs else None
+    raise AdapterError(f"module {module!r}: cannot follow its LoRA branch from the Add back to B")
+
+
+def _leads_to(value: ir.Value | None, target: ir.Node, depth: int = 0) -> bool:
+    node = value.producer() if value is not None else None
+    if node is None or depth > 32:
+        return False
+    return node is target or any(_leads_to(i, target, depth + 1) for i in node.inputs)
+
+
 class ReplaceLoraWithSlotsPass(LoraPass):
     """Replace each module's LoRA branches by one branch reading slot values.
 
@@ -98,6 +126,7 @@ class ReplaceLoraWithSlotsPass(LoraPass):
         a_node, b_node = first.a, first.b
         x = a_node.inputs[1] if a_node.op_type == "Gather" else a_node.inputs[0]
         base_out = first.base_input
+        reshape_back = _reshaped_after_b(group.module, first)
         a_slot = self._slot(graph, group.a_name, group.a_shape, group.dtype)
         b_slot = self._slot(graph, group.b_name, group.b_shape, group.dtype)
         s_slot = self._slot(graph, group.scale_name, group.scale_shape, group.dtype)
@@ -109,7 +138,7 @@ class ReplaceLoraWithSlotsPass(LoraPass):
             node.metadata_props[META_MODULE] = group.module
             node.metadata_props[META_ROLE] = name or op
             new_nodes.append(node)
-            if op != "Constant":  # every branch value carries the slot dtype (later passes rely on types)
+            if op not in ("Constant", "Shape"):  # every branch value carries the slot dtype (later passes rely on types)
                 node.outputs[0].type = ir.TensorType(group.dtype)
             return node.outputs[0]
 
@@ -129,6 +158,11 @@ class ReplaceLoraWithSlotsPass(LoraPass):
             scaled = add("Mul", [after_a, s_slot], name="lora_scale")
             b_t = add("Transpose", [b_slot], perm, "lora_B_T")
             branch = add("MatMul", [scaled, b_t], name="lora_B")
+        if reshape_back:  # the old branch worked on a 2-D view of the input and reshaped back
+            branch = add("Reshape", [branch, add("Shape", [base_out], name="base_shape")], name="lora_reshape_back")
+        if base_out.dtype is not None and base_out.dtype != group.dtype:
+            branch = add("Cast", [branch], [ir.AttrInt64("to", base_out.dtype)], "lora_cast_out")
+            branch.type = ir.TensorType(base_out.dtype)
         join = ir.Node("", "Add", [base_out, branch], name=f"lora_slot/{tag}/lora_add")
         join.metadata_props[META_MODULE] = group.module
         join.metadata_props[META_ROLE] = "lora_add"

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from graph_tools.adapters.compose import _np_dtype
 from graph_tools.errors import AdapterError
+from graph_tools.passes._base import LoraPass
 
 __all__ = ["PackSlotsPass", "plan_packs"]
 
@@ -38,12 +39,31 @@ def plan_packs(slots) -> list[dict]:
     return packs
 
 
-class PackSlotsPass(ir.passes.InPlacePass):
+class PackSlotsPass(LoraPass):
     """Replace member slot inputs by Gathers from one packed input per pack.
 
     Attributes:
         packs: the plan from :func:`plan_packs`.
+
+    Requires: every member is a graph input with a default, of the pack's member shape.
+    Ensures: no member is a graph input any more; every pack is one.
     """
+
+    def requires(self, model: ir.Model) -> None:
+        inputs = {v.name: v for v in model.graph.inputs}
+        for pack in self.packs:
+            for member in pack["members"]:
+                value = inputs.get(member)
+                if value is None or model.graph.initializers.get(member) is not value:
+                    raise AdapterError(f"slot {member!r} is not a graph input with a default; cannot pack it")
+                if value.shape is None or list(value.shape) != list(pack["shape"][1:]):
+                    raise AdapterError(f"slot {member!r}: shape {value.shape} is not the pack's {pack['shape'][1:]}")
+
+    def ensures(self, model: ir.Model) -> None:
+        inputs = {v.name for v in model.graph.inputs}
+        for pack in self.packs:
+            if pack["name"] not in inputs or inputs & set(pack["members"]):
+                raise AdapterError(f"pack {pack['name']!r}: its members are not all replaced by the packed input")
 
     def __init__(self, packs: list[dict]):
         super().__init__()
