@@ -104,6 +104,17 @@ def _three_chained_unnamed() -> ir.Model:
     return gb.strip_names(b.model(y))
 
 
+def _reshape_between_a_and_b() -> ir.Model:
+    """A on a 2-D view of x, reshaped back to 3-D between A and B; the site Add is the output."""
+    b = gb.GraphBuilder(seed=7)
+    x = b.input("x", ["batch", 5, 16])
+    base = b.op("MatMul", x, b.weight("W", [16, 12]))
+    h = b.op("MatMul", b.op("Reshape", x, b.const("flat", [-1, 16], np.int64)), b.weight("A", [16, 4]))
+    h = b.op("Reshape", h, b.const("back", [-1, 5, 4], np.int64))
+    h = b.op("Mul", b.op("MatMul", h, b.weight("B", [4, 12])), b.const("s", 1.25))
+    return b.model(b.op("Add", base, h))
+
+
 def _two_named_scales() -> ir.Model:
     """Mul(s) then Mul(t), both graph inputs: no single scale value; not a site we can prove."""
     b = gb.GraphBuilder(seed=6)
@@ -122,6 +133,7 @@ FOREIGN = {
     "scale_chain": _scale_chain,
     "conv_stem_rank_gt_cin": _conv_stem,
     "three_chained_unnamed": _three_chained_unnamed,
+    "reshape_between_a_and_b": _reshape_between_a_and_b,
     # other exporters' graphs, edited as renaming tools and adapter extractors leave them
     "stripped_dynamo_llama_two_adapters": lambda: gb.strip_names(_fixture("dynamo_llama_two_adapters")),
     "stripped_torchscript_gpt2": lambda: gb.strip_names(_fixture("torchscript_gpt2")),

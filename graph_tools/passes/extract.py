@@ -34,32 +34,41 @@ __all__ = ["ReplaceLoraWithSlotsPass"]
 logger = logging.getLogger(__name__)
 
 
-def _reshaped_after_b(module: str, parts) -> bool:
-    """Whether the old branch changes its shape between B and the ``Add`` (a 2-D view of the
-    input, reshaped back): the new branch is then reshaped to the base output's shape. A
-    Transpose there is refused (the new branch would not reproduce it)."""
-    value = parts.add.inputs[1 - parts.base_index]
-    reshaped = False
+_SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def _reshaped_branch(module: str, parts) -> bool:
+    """Whether the old branch changes its shape after A (it worked on a 2-D view of the input
+    and reshaped back before the ``Add``): the new branch is then reshaped to the base output's
+    shape. Detection allows only views (no Transpose) and scale Mul/Div between A, B and the Add."""
+    b_input = parts.b.inputs[1 if parts.b.op_type == "Gather" else 0]
+    return _shape_changes(module, parts.add.inputs[1 - parts.base_index], parts.b, parts) or _shape_changes(
+        module, b_input, parts.a, parts)
+
+
+def _shape_changes(module: str, value: ir.Value | None, stop: ir.Node, parts) -> bool:
+    changed = False
     for _ in range(32):
         node = value.producer() if value is not None else None
-        if node is None or node is parts.b:
-            return reshaped
-        if node.op_type == "Transpose":
-            raise AdapterError(f"module {module!r}: its LoRA branch transposes the output of B; cannot rebuild it with slots")
-        if node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-            reshaped = True
-        if node in parts.scales:  # the data operand of a Mul/Div: the one that leads back to B
-            value = next((i for i in node.inputs if _leads_to(i, parts.b)), None)
+        if node is stop:
+            return changed
+        if node is None or node.op_type == "Transpose" or not node.inputs:
+            break
+        changed = changed or node.op_type in _SHAPE_OPS
+        if node in parts.scales:  # the data operand of a Mul/Div is the one that leads back to ``stop``
+            value = next((i for i in node.inputs if _leads_to(i, stop, parts)), None)
         else:
-            value = node.inputs[0] if node.inputs else None
-    raise AdapterError(f"module {module!r}: cannot follow its LoRA branch from the Add back to B")
+            value = node.inputs[0]
+    raise AdapterError(f"module {module!r}: cannot follow its LoRA branch back to {stop.op_type} over views and scales")
 
 
-def _leads_to(value: ir.Value | None, target: ir.Node, depth: int = 0) -> bool:
+def _leads_to(value: ir.Value | None, target: ir.Node, parts, depth: int = 0) -> bool:
     node = value.producer() if value is not None else None
-    if node is None or depth > 32:
+    if node is target:
+        return True
+    if node is None or depth > 32 or not (node in parts.scales or node.op_type in _SHAPE_OPS | {"Identity", "Cast", "Dropout"}):
         return False
-    return node is target or any(_leads_to(i, target, depth + 1) for i in node.inputs)
+    return any(_leads_to(i, target, parts, depth + 1) for i in node.inputs)
 
 
 class ReplaceLoraWithSlotsPass(LoraPass):
@@ -126,7 +135,7 @@ class ReplaceLoraWithSlotsPass(LoraPass):
         a_node, b_node = first.a, first.b
         x = a_node.inputs[1] if a_node.op_type == "Gather" else a_node.inputs[0]
         base_out = first.base_input
-        reshape_back = _reshaped_after_b(group.module, first)
+        reshape_back = _reshaped_branch(group.module, first)
         a_slot = self._slot(graph, group.a_name, group.a_shape, group.dtype)
         b_slot = self._slot(graph, group.b_name, group.b_shape, group.dtype)
         s_slot = self._slot(graph, group.scale_name, group.scale_shape, group.dtype)
