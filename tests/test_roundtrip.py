@@ -331,3 +331,43 @@ def test_every_model_form_is_accepted_and_left_unchanged(tmp_path):
     assert len(set(map(json.dumps, manifests.values()))) == 1
     assert len(model.graph) == nodes_before and len(find_lora_sites(model)) == len(sites["path"])
     assert onnx.load(str(path)).SerializeToString() == proto.SerializeToString()
+
+
+def _chain_with_intermediate_output() -> ir.Model:
+    """Two adapters chained on one layer, and the sum after the first is also a graph output."""
+    b = gb.GraphBuilder(seed=8)
+    x = b.input("x", ["batch", 16])
+    y = b.op("MatMul", x, b.weight("W", [16, 12]))
+    sums = []
+    for k in range(2):
+        h = b.op("MatMul", b.op("MatMul", x, b.weight(f"A{k}", [16, 3])), b.weight(f"B{k}", [3, 12]))
+        y = b.op("Add", y, h)
+        sums.append(y)
+    return b.model(sums[1], b.op("Relu", sums[0]))
+
+
+def test_chain_read_in_the_middle_is_refused(tmp_path):
+    path = tmp_path / "chain.onnx"
+    ir.save(_chain_with_intermediate_output(), path)
+    assert len(find_lora_sites(path)) == 2
+    with pytest.raises(AdapterError, match="read outside the chain"):
+        extract_adapters(path, tmp_path / "pkg")
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_passes_refuse_sites_of_another_graph():
+    """Requires: the plan resolves on the model the pass runs on (a typed error, not onnx-ir's)."""
+    from graph_tools.passes.extract import ReplaceLoraWithSlotsPass
+    from graph_tools.passes.slots import plan_slots
+    from graph_tools.passes.strip import StripLoraPass
+
+    path = FIXTURES / "hand_two_adapters.onnx"
+    sites, other = find_lora_sites(path), ir.load(path)
+    with pytest.raises(AdapterError, match="belongs to another graph"):
+        StripLoraPass(sites)(other)
+    with pytest.raises(AdapterError, match="belongs to another graph"):
+        plan_slots(other, sites)
+    groups = plan_slots(model := ir.load(path), find_lora_sites(model))
+    with pytest.raises(AdapterError, match="belongs to another graph"):
+        ReplaceLoraWithSlotsPass(groups)(other)
+    assert len(find_lora_sites(other)) == 2  # untouched
