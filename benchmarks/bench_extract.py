@@ -59,7 +59,7 @@ def _peak_rss() -> int:
 
 
 def worker_extract(job: dict) -> dict:
-    from graph_tools.adapters.package import extract_adapters
+    from graph_tools.adapters.extract import extract_adapters
 
     base = _peak_rss()
     t0 = time.perf_counter()

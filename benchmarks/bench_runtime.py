@@ -148,8 +148,8 @@ def prepare(size: str) -> dict[str, Path]:
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     from exporters.peft_export import export_peft
-    from graph_tools.adapters.package import extract_adapters
-    from graph_tools.passes.merge import merge_adapter
+    from graph_tools.adapters.extract import extract_adapters
+    from graph_tools.adapters.merge import merge_adapter
 
     root = WORK / size
     model, inputs = build_model(size)

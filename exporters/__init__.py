@@ -1,7 +1,7 @@
-"""PEFT/torch -> ONNX export with LoRA branches kept and PEFT names restored."""
+"""PEFT/torch -> ONNX export with LoRA branches kept and PEFT names restored, and the end-to-end
+pipeline (export -> extract -> quantize -> verify). Needs the ``[export]`` extra (torch, peft)."""
 
-from exporters.end_to_end import PipelineResult, pipeline
 from exporters.peft_export import ExportResult, export_peft, lora_layers
+from exporters.pipelines import PipelineResult, pipeline
 
 __all__ = ["export_peft", "ExportResult", "lora_layers", "pipeline", "PipelineResult"]
-

@@ -1,5 +1,13 @@
-"""lora-onnx graph tools: detect LoRA sites, build adapter packages, quantize, serve."""
+"""lora-onnx graph tools: detect LoRA sites, build adapter packages, quantize, serve.
 
+Graph work only: nothing here imports torch or :mod:`exporters` (export is ``exporters.export_peft``).
+"""
+
+from graph_tools.adapters.convert import convert_peft_adapter
+from graph_tools.adapters.extract import extract_adapters
+from graph_tools.adapters.load import AdapterPackage, load_package
+from graph_tools.adapters.merge import merge_adapter
+from graph_tools.adapters.strip import strip_adapters
 from graph_tools.errors import (
     AdapterError,
     EncodingsError,
@@ -13,10 +21,21 @@ from graph_tools.errors import (
     UnsupportedAdapterError,
 )
 from graph_tools.lora import LoraSite, find_lora_sites
+from graph_tools.quant import quantize, read_encodings
+from graph_tools.runtime.session import AdapterSession
 
 __all__ = [
     "find_lora_sites",
     "LoraSite",
+    "extract_adapters",
+    "convert_peft_adapter",
+    "AdapterPackage",
+    "load_package",
+    "AdapterSession",
+    "merge_adapter",
+    "strip_adapters",
+    "quantize",
+    "read_encodings",
     "LoraOnnxError",
     "ModelLoadError",
     "ExternalDataError",
@@ -28,36 +47,3 @@ __all__ = [
     "QuantizationError",
     "EncodingsError",
 ]
-
-
-def __getattr__(name: str):
-    """``graph_tools.pipeline`` is ``exporters.pipeline`` (one function, two homes)."""
-    if name == "pipeline":
-        from exporters.end_to_end import pipeline
-
-        return pipeline
-    if name in ("quantize", "read_encodings"):
-        from graph_tools import quant
-
-        return getattr(quant, name)
-    if name == "AdapterSession":
-        from graph_tools.runtime.session import AdapterSession
-
-        return AdapterSession
-    if name in ("extract_adapters",):
-        from graph_tools.adapters.package import extract_adapters
-
-        return extract_adapters
-    if name == "convert_peft_adapter":
-        from graph_tools.adapters.convert import convert_peft_adapter
-
-        return convert_peft_adapter
-    if name in ("merge_adapter",):
-        from graph_tools.passes.merge import merge_adapter
-
-        return merge_adapter
-    if name in ("strip_adapters",):
-        from graph_tools.passes.strip import strip_adapters
-
-        return strip_adapters
-    raise AttributeError(f"module 'graph_tools' has no attribute {name!r}")

@@ -60,8 +60,20 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _quiet_transformers(args) -> None:
+    """Without -v, transformers' progress bars and notes are not ours to print (torch commands only)."""
+    if getattr(args, "verbose", False):
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _run_pipeline(args, base: str, adapters: dict[str, str]) -> int:
-    from exporters.end_to_end import pipeline
+    from exporters.pipelines import pipeline
+
+    _quiet_transformers(args)
 
     result = pipeline(base, adapters, args.output, quantize=args.quantize, calibration=getattr(args, "calibration", None),
                       mode=getattr(args, "mode", "inputs"), pack=getattr(args, "pack", False), quiet=args.quiet,
@@ -87,8 +99,9 @@ def _cmd_pipeline(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from exporters.builtin import minilm_dir, train_demo_adapters
+    from exporters.demo_models import minilm_dir, train_demo_adapters
 
+    _quiet_transformers(args)
     out = Path(args.output)
     _say(args, "training two LoRA adapters on MiniLM (built-in tasks) ...")
     adapters = train_demo_adapters(minilm_dir(), out / "peft_adapters")
@@ -96,7 +109,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from graph_tools.adapters.package import extract_adapters
+    from graph_tools.adapters.extract import extract_adapters
 
     _say(args, f"extracting adapters from {args.model} ...")
     package = extract_adapters(args.model, args.output, mode=args.mode, format=args.format, pack=args.pack, max_rank=args.max_rank)
@@ -195,7 +208,7 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from graph_tools.passes.merge import merge_adapter
+    from graph_tools.adapters.merge import merge_adapter
 
     _say(args, f"merging adapter {args.adapter} of {args.package} into the base weights ...")
     print(f"wrote {merge_adapter(args.package, args.adapter, args.output)}")
@@ -203,7 +216,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_strip(args) -> int:
-    from graph_tools.passes.strip import strip_adapters
+    from graph_tools.adapters.strip import strip_adapters
 
     _say(args, f"removing every LoRA branch of {args.model} ...")
     print(f"wrote {strip_adapters(args.model, args.output)}")
@@ -308,15 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import warnings
 
         warnings.simplefilter("ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
-        except ImportError:  # pragma: no cover
-            pass
     try:
         return int(args.func(args) or 0)
     except LoraOnnxError as exc:

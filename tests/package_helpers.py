@@ -104,7 +104,7 @@ def get_case(name: str, zoo, graphs, tmp_path_factory) -> Case:
 def get_package(case: Case, mode: str) -> Path:
     """The package of ``case`` in ``mode`` (extracted once); do not modify it, copy it."""
     if mode not in case.packages:
-        from graph_tools.adapters.package import extract_adapters
+        from graph_tools.adapters.extract import extract_adapters
 
         extract_adapters(case.export, case.folder / mode, **MODES[mode])
         case.packages[mode] = case.folder / mode

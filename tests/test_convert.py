@@ -14,7 +14,7 @@ import models
 import package_helpers as H
 from graph_tools.adapters import files
 from graph_tools.adapters.convert import convert_peft_adapter
-from graph_tools.adapters.package import load_package
+from graph_tools.adapters.load import load_package
 from graph_tools.errors import AdapterError
 from graph_tools.runtime.session import AdapterSession
 

@@ -10,8 +10,8 @@ import pytest
 import models
 import package_helpers as H
 from graph_tools.lora import find_lora_sites
-from graph_tools.passes.merge import merge_adapter
-from graph_tools.passes.strip import strip_adapters
+from graph_tools.adapters.merge import merge_adapter
+from graph_tools.adapters.strip import strip_adapters
 
 
 @pytest.fixture(scope="module", params=H.MODELS)
@@ -71,7 +71,7 @@ def test_strip_matches_base(case, source, tmp_path):
 def test_other_exporters_graphs(zoo, graphs, source, name, tmp_path):
     """Packages of plain torch.onnx exports (torchscript: biases shared through Identity nodes;
     dynamo: its own optimizer) serve, merge and strip like ours."""
-    from graph_tools.adapters.package import extract_adapters
+    from graph_tools.adapters.extract import extract_adapters
     from graph_tools.runtime.session import AdapterSession
 
     model, _ = zoo[name]

@@ -19,7 +19,8 @@ import models
 import package_helpers as H
 from graph_tools.adapters import files
 from graph_tools.adapters import manifest as mf
-from graph_tools.adapters.package import EXTERNAL_SLOT_FILE, extract_adapters, load_package
+from graph_tools.adapters.extract import extract_adapters
+from graph_tools.adapters.load import EXTERNAL_SLOT_FILE, load_package
 from graph_tools.lora import find_lora_sites
 from graph_tools.runtime.session import AdapterSession
 

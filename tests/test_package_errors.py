@@ -15,10 +15,11 @@ import pytest
 import package_helpers as H
 from graph_tools.adapters import files
 from graph_tools.adapters.convert import convert_peft_adapter
-from graph_tools.adapters.package import extract_adapters, load_package
+from graph_tools.adapters.extract import extract_adapters
+from graph_tools.adapters.load import load_package
 from graph_tools.cli import main
 from graph_tools.errors import AdapterError, LoraOnnxError, PackageError
-from graph_tools.passes.merge import merge_adapter
+from graph_tools.adapters.merge import merge_adapter
 from graph_tools.runtime.session import AdapterSession
 
 LORA_ONNX = shutil.which("lora-onnx", path=str(Path(sys.executable).parent)) or "lora-onnx"

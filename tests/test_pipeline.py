@@ -53,10 +53,10 @@ def test_pipeline_cli_on_local_folder(hf_folders, tmp_path):
 
 
 def test_pipeline_python_api_matches(hf_folders, tmp_path):
-    import graph_tools
+    from exporters import pipeline
 
     base, adapters = hf_folders
-    result = graph_tools.pipeline(str(base), adapters, tmp_path / "o", quantize="none", mode="external", quiet=True, report=False)
+    result = pipeline(str(base), adapters, tmp_path / "o", quantize="none", mode="external", quiet=True, report=False)
     assert result.passed
     assert [c.adapter for c in result.checks] == ["(base)", "alpha", "beta"]
     assert all(c.float_max_abs <= 1e-4 for c in result.checks)

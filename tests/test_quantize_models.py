@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 from exporters import export_peft
-from graph_tools.adapters.package import extract_adapters
+from graph_tools.adapters.extract import extract_adapters
 from graph_tools.quant import quantize
 from graph_tools.runtime.session import AdapterSession
 from models import VOCAB, bert, dynamic_axes, gpt2

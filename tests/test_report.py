@@ -9,8 +9,8 @@ import zlib
 import pytest
 import torch
 
-from exporters.builtin import tiny_llama
-from exporters.end_to_end import pipeline
+from exporters.demo_models import tiny_llama
+from exporters.pipelines import pipeline
 
 
 def _chromium() -> str:

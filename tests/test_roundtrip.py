@@ -30,9 +30,9 @@ import pytest
 
 import graph_builder as gb
 from graph_tools import AdapterError, NoLoraError, find_lora_sites
-from graph_tools.adapters.package import extract_adapters
-from graph_tools.passes.merge import merge_adapter
-from graph_tools.passes.strip import strip_adapters
+from graph_tools.adapters.extract import extract_adapters
+from graph_tools.adapters.merge import merge_adapter
+from graph_tools.adapters.strip import strip_adapters
 from graph_tools.runtime.session import AdapterSession
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -45,7 +45,7 @@ def test_plain_onnxruntime_lora_adapter(case, mode):
 @pytest.mark.parametrize("fmt", ["onnx_adapter", "safetensors"])
 def test_plain_onnxruntime_external_initializers(case, tmp_path, fmt):
     """README: external mode with ``SessionOptions.add_external_initializers`` from an adapter file."""
-    from graph_tools.adapters.package import extract_adapters
+    from graph_tools.adapters.extract import extract_adapters
 
     package = H.get_package(case, "external") if fmt == "onnx_adapter" else \
         extract_adapters(case.export, tmp_path / "pkg", mode="external", format=fmt).path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from graph_tools.adapters import files, manifest as mf
 from graph_tools.adapters.compose import pack_tensors, slot_tensors
-from graph_tools.adapters.package import load_package
+from graph_tools.adapters.load import load_package
 from graph_tools.adapters.peft_checkpoint import read_peft_adapter
 from graph_tools.errors import AdapterError, PackageError
 

@@ -8,10 +8,10 @@ import onnx_ir as ir
 
 from graph_tools.errors import AdapterError
 
-__all__ = ["materialize", "to_peft_layout"]
+__all__ = ["eval_constant_subgraph", "to_peft_layout"]
 
 
-def materialize(value: ir.Value | None, _depth: int = 0) -> np.ndarray:
+def eval_constant_subgraph(value: ir.Value | None, _depth: int = 0) -> np.ndarray:
     """The numpy array a constant-only subgraph computes for ``value``."""
     if value is None or _depth > 16:
         raise AdapterError("weight operand is not a constant expression")
@@ -23,7 +23,7 @@ def materialize(value: ir.Value | None, _depth: int = 0) -> np.ndarray:
     op = node.op_type
     if op == "Constant":
         return node.attributes["value"].as_tensor().numpy()
-    src = materialize(node.inputs[0], _depth + 1)
+    src = eval_constant_subgraph(node.inputs[0], _depth + 1)
     if op == "Identity":
         return src
     if op == "Transpose":
@@ -33,12 +33,12 @@ def materialize(value: ir.Value | None, _depth: int = 0) -> np.ndarray:
         to = ir.DataType(node.attributes.get_int("to"))
         return src.astype(to.numpy())
     if op == "Reshape":
-        shape = [int(d) for d in materialize(node.inputs[1], _depth + 1).reshape(-1)]
+        shape = [int(d) for d in eval_constant_subgraph(node.inputs[1], _depth + 1).reshape(-1)]
         shape = [src.shape[i] if d == 0 else d for i, d in enumerate(shape)]
         return src.reshape(shape)
     if op == "DequantizeLinear":
-        scale = materialize(node.inputs[1], _depth + 1)
-        zp = materialize(node.inputs[2], _depth + 1) if len(node.inputs) > 2 and node.inputs[2] is not None else 0
+        scale = eval_constant_subgraph(node.inputs[1], _depth + 1)
+        zp = eval_constant_subgraph(node.inputs[2], _depth + 1) if len(node.inputs) > 2 and node.inputs[2] is not None else 0
         axis = node.attributes.get_int("axis", 1)
         if np.ndim(scale) == 1 and src.ndim > 1:
             shape = [1] * src.ndim

@@ -4,28 +4,23 @@ Before: ``Add(base(x, W), scale * B(A(x)))`` with A, B fed from slots.
 After:  ``base(x, W + scale * B @ A)`` (in the base op's layout); all branches removed.
 
 :class:`FoldAdapterPass` rewrites the base weights, :class:`~graph_tools.passes.strip.StripSlotsPass`
-then removes the branches; :func:`merge_adapter` runs both as one ``ir.passes.Sequential``.
+then removes the branches; :func:`graph_tools.adapters.merge.merge_adapter` runs both as one ``ir.passes.Sequential``.
 Works for every package mode (inputs, packed, fixed rank, external).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools.adapters.compose import read_slot_weights
-from graph_tools.adapters.package import load_package, load_package_model
 from graph_tools.errors import AdapterError
-from graph_tools.passes._base import LoraPass, run_passes
-from graph_tools.passes._weights import materialize
-from graph_tools.passes.slots import SlotBranch, find_slot_branches
-from graph_tools.passes.strip import StripSlotsPass, save_model_to
+from graph_tools.passes._base import LoraPass
+from graph_tools.passes._weights import eval_constant_subgraph
+from graph_tools.passes.slots import SlotBranch
 
-__all__ = ["FoldAdapterPass", "merge_adapter", "delta_weight"]
+__all__ = ["FoldAdapterPass", "delta_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,29 +88,10 @@ class FoldAdapterPass(LoraPass):
                 raise AdapterError(f"module {module!r}: its base op does not read the merged weight")
 
 
-def merge_adapter(package_dir: str | os.PathLike, adapter: str, out_path: str | os.PathLike) -> Path:
-    """Write ``out_path``: the package's base graph with ``adapter`` folded into the weights.
-
-    Each slot branch is found by structure from its slots (:func:`find_slot_branches`), the
-    adapter's ``scale * B @ A`` is added to the weight of the base op the branch joins, and every
-    branch is removed. Only the weights of adapted modules are read.
-    """
-    package = load_package(package_dir)
-    spec = package.manifest.adapter(adapter)
-    path = package.path / spec.file
-    model = load_package_model(package)  # first: a graph that is not the manifest's is refused as such
-    weights = read_slot_weights(package.manifest.slots, package.packs, path, expected_modules=set(spec.scale))
-    branches = find_slot_branches(model, package.slot_triples())
-    run_passes(model, FoldAdapterPass(weights, branches), StripSlotsPass(branches))
-    out = save_model_to(model, out_path)
-    logger.info("merged adapter %r (%d modules) into %s", adapter, len(weights), out)
-    return out
-
-
 def _fold(graph: ir.Graph, base: ir.Node, delta: np.ndarray, module: str, used_names: set[str]) -> None:
     index = 0 if base.op_type == "Gather" else 1
     value = base.inputs[index]
-    weight = materialize(value)
+    weight = eval_constant_subgraph(value)
     if base.op_type == "MatMul":
         delta = delta.T  # [in, out]
     elif base.op_type == "Gemm" and not base.attributes.get_int("transB", 0):

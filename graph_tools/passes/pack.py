@@ -13,7 +13,6 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools.adapters.compose import _np_dtype
 from graph_tools.errors import AdapterError
 from graph_tools.passes._base import LoraPass
 
@@ -73,7 +72,7 @@ class PackSlotsPass(LoraPass):
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
         for pack in self.packs:
-            dtype = ir.DataType.from_numpy(_np_dtype(pack["dtype"]))
+            dtype = ir.DataType.from_numpy(np.dtype(pack["dtype"]))  # "bfloat16" too: onnx_ir registers ml_dtypes
             default = ir.tensor(np.zeros(pack["shape"], dtype=dtype.numpy()), dtype=dtype, name=pack["name"])
             packed = ir.Value(name=pack["name"], shape=ir.Shape(pack["shape"]), type=ir.TensorType(dtype), const_value=default)
             graph.inputs.append(packed)

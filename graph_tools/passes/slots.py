@@ -21,7 +21,7 @@ import onnx_ir as ir
 from graph_tools.errors import AdapterError, NoLoraError
 from graph_tools.lora import LoraSite
 from graph_tools.lora.naming import PEFT_PREFIX
-from graph_tools.passes._weights import materialize, to_peft_layout
+from graph_tools.passes._weights import eval_constant_subgraph, to_peft_layout
 
 __all__ = ["SlotGroup", "plan_slots", "read_adapter_weights", "slot_names", "SlotBranch", "find_slot_branches", "infer_slot_specs"]
 
@@ -166,7 +166,7 @@ def read_adapter_weights(model: ir.Model, groups: list[SlotGroup]) -> dict[str, 
 
 def _effective_weight(node: ir.Node, where: str, role: str) -> np.ndarray:
     try:
-        array = materialize(_weight_operand(node))
+        array = eval_constant_subgraph(_weight_operand(node))
     except AdapterError as exc:
         raise AdapterError(f"{where}: {role}: {exc}; nothing to extract") from None
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):

@@ -7,26 +7,20 @@ the output's name).
 Works on exported LoRA graphs (sites from :func:`find_lora_sites`) and on extracted package graphs
 (slot branches from :func:`graph_tools.passes.slots.find_slot_branches`; the package manifest
 names the slots, or the slot naming does when the model sits outside its package).
+File in, file out: :func:`graph_tools.adapters.strip.strip_adapters`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from graph_tools._io import working_copy
-from graph_tools.errors import AdapterError, NoLoraError
-from graph_tools.lora import LoraSite, find_lora_sites
-from graph_tools.passes._base import LoraPass, bypass, drop_dead_inputs, run_passes, used_inputs
+from graph_tools.errors import AdapterError
+from graph_tools.lora import LoraSite
+from graph_tools.passes._base import LoraPass, bypass, drop_dead_inputs, used_inputs
 
-if TYPE_CHECKING:
-    import onnx
-
-__all__ = ["StripLoraPass", "StripSlotsPass", "strip_adapters", "save_model_to"]
+__all__ = ["StripLoraPass", "StripSlotsPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,44 +96,3 @@ class StripSlotsPass(LoraPass):
             for name in (branch.a_name, branch.b_name, branch.scale_name):
                 if name in names:
                     raise AdapterError(f"module {branch.module!r}: slot {name!r} is still in the graph after strip")
-
-
-def strip_adapters(model_path: str | os.PathLike | ir.Model | onnx.ModelProto, out_path: str | os.PathLike) -> Path:
-    """Write the base model (every LoRA branch removed) to ``out_path`` (+ ``.data``).
-
-    ``model_path``: an exported LoRA model, an extracted package's ``model.onnx``, a package
-    folder, an ``ir.Model`` or an ``onnx.ModelProto`` (never changed).
-    """
-    from graph_tools.adapters.package import load_package_model, package_of
-    from graph_tools.passes.slots import find_slot_branches, infer_slot_specs
-
-    package = package_of(model_path) if isinstance(model_path, (str, os.PathLike)) else None
-    if package is not None:
-        model = load_package_model(package)
-        triples = package.slot_triples()
-    else:
-        model = working_copy(model_path)
-        triples = infer_slot_specs(model)
-    branches = find_slot_branches(model, triples)
-    if branches:
-        run_passes(model, StripSlotsPass(branches))
-    sites = find_lora_sites(model)  # on the slot-free graph: what an exporter left
-    if not sites and not branches:
-        raise NoLoraError(f"{_label(model_path)}: no LoRA sites found; nothing to strip")
-    if sites:
-        run_passes(model, StripLoraPass(sites))
-    left = find_lora_sites(model)
-    if left:
-        raise AdapterError(f"{_label(model_path)}: LoRA site {left[0].module!r}/{left[0].adapter!r} is left after strip")
-    return save_model_to(model, out_path)
-
-
-def _label(model) -> str:
-    return str(model) if isinstance(model, (str, os.PathLike)) else f"<{type(model).__name__}>"
-
-
-def save_model_to(model: ir.Model, out_path: str | os.PathLike) -> Path:
-    """Save ``model`` to ``out_path`` with weights in ``<name>.data``, atomically."""
-    from graph_tools._io import save_model
-
-    return save_model(model, out_path)

@@ -28,7 +28,7 @@ import onnx_ir as ir
 from graph_tools._io import atomic_output
 from graph_tools.adapters import files, manifest as mf
 from graph_tools.adapters.compose import compose
-from graph_tools.adapters.package import DATA_FILE, MODEL_FILE, AdapterPackage, load_package
+from graph_tools.adapters.load import DATA_FILE, MODEL_FILE, AdapterPackage, load_package
 from graph_tools.errors import QuantizationError
 from graph_tools.lora import find_lora_sites
 from graph_tools.quant import encodings as enc

@@ -29,7 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graph_tools.adapters.compose import _np_dtype
-from graph_tools.adapters.package import AdapterPackage, load_package_model
+from graph_tools.adapters.load import AdapterPackage, load_package_model
 from graph_tools.errors import AdapterError, PackageError
 from graph_tools.passes.mixed import MakeMixedBatchPass, MixedSite, mixed_sites
 

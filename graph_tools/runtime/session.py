@@ -32,7 +32,7 @@ import onnxruntime as ort
 from graph_tools.adapters import files
 from graph_tools.adapters.manifest import check_adapter_tensors
 from graph_tools.adapters.compose import compose, pack_tensors, read_slot_weights, unpack_tensors
-from graph_tools.adapters.package import load_package, load_package_model
+from graph_tools.adapters.load import load_package, load_package_model
 from graph_tools.errors import AdapterError, LoraOnnxError, first_line as _first_line
 from graph_tools.passes.mixed import ROWS_PREFIX
 

@@ -105,7 +105,7 @@ def load_base(base: str):
     """``builtin:minilm``, ``builtin:tiny-llama`` or a local Hugging Face model folder."""
     import transformers
 
-    from exporters.builtin import minilm_dir, tiny_llama_base
+    from exporters.demo_models import minilm_dir, tiny_llama_base
 
     if base == "builtin:tiny-llama":
         return tiny_llama_base()
@@ -224,7 +224,7 @@ def pipeline(
     ``model``: an already built PEFT model (then ``base``/``adapters`` only label it).
     """
     from exporters.peft_export import export_peft
-    from graph_tools.adapters.package import extract_adapters
+    from graph_tools.adapters.extract import extract_adapters
     from graph_tools.lora import find_lora_sites
 
     if quantize not in ("none", *QUANT_PRESETS):
