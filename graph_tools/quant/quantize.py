@@ -1,14 +1,22 @@
 """Adapter-aware QDQ quantization of an adapter package.
 
-* Base weights (MatMul/Gemm/Conv/Gather operands): int8 per-channel symmetric (or per-tensor),
-  stored quantized with a DequantizeLinear in the graph.
-* Activations: QuantizeLinear -> DequantizeLinear on every float op output, ranges calibrated on
-  the base model (adapters off) and frozen as constants -- except the adapter-dependent ones:
-  inside each LoRA branch (after A, after the scale, after B) and the site's Add output
-  (``activation_scope="lora"``) or every activation (``"all"``). Their scale/zero-point are graph
-  inputs ("encoding slots") fed from the adapter file.
+* Base weights (MatMul/Gemm/Conv/Gather operands): int8 per-channel symmetric (or per-tensor, or
+  int4 blockwise), stored quantized with a DequantizeLinear in the graph.
+* Activations: QuantizeLinear -> DequantizeLinear on every float op output. The base model and
+  every adapter (and every declared concurrency) are calibrated; ``activation_scope`` decides per
+  activation whether one encoding is shared by all (constants in the graph) or each adapter
+  feeds its own (scale/zero-point graph inputs, "encoding slots", fed from the adapter file):
+  ``"auto"`` (default) shares where one encoding fits every run (see
+  :mod:`graph_tools.quant.scope`), ``"lora"`` makes only the LoRA branches and site outputs
+  per adapter (the rest frozen at the base's ranges), ``"all"`` makes every activation per adapter.
+* Mixed precision (8-bit activations only): ``mixed_precision="layernorm"`` keeps every
+  normalization's inputs and outputs (the residual stream) at 16 bits, ``"auto"`` keeps the
+  activations whose measured 8-bit error exceeds ``mixed_error`` at 16 bits.
 * LoRA slots: A, B and the per-rank scale vector become quantized inputs (int16 per-tensor by
   default) plus a scale input each; each adapter file holds its own quantized values and scales.
+* Declared concurrencies (``concurrencies=[("a", "b")]``): that combination (rank-concatenated,
+  weight 1.0 each) is calibrated and written as an adapter file of its own, ``adapters/a+b.<ext>``
+  with ``encodings/a+b.encodings``; ``AdapterSession`` serves ``{"a": 1, "b": 1}`` from it.
 
 The same ORT session then dequantizes each adapter with its own parameters. Encodings files
 (AIMET JSON) are written for the base and for every adapter; base entries are identical in all.
@@ -27,20 +35,24 @@ import onnx_ir as ir
 
 from graph_tools._io import atomic_output
 from graph_tools.adapters import files, manifest as mf
-from graph_tools.adapters.compose import compose
+from graph_tools.adapters.compose import compose, weights_from_slot_tensors
 from graph_tools.adapters.load import DATA_FILE, MODEL_FILE, AdapterPackage, load_package
 from graph_tools.errors import QuantizationError
 from graph_tools.lora import find_lora_sites
 from graph_tools.quant import encodings as enc
-from graph_tools.quant.calibrate import collect_ranges, iter_calibration
+from graph_tools.quant import scope as sc
+from graph_tools.quant.calibrate import collect_errors, collect_ranges, iter_calibration
+from graph_tools.quant.qdq import QdqBuilder, quantize_per_tensor
 
-__all__ = ["quantize"]
+__all__ = ["quantize", "CONCURRENCY_SEPARATOR"]
 
 logger = logging.getLogger(__name__)
 
 _QTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
 _WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
 _SKIP_ACT_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "QuantizeLinear", "DequantizeLinear", "Range"}
+#: a declared concurrency's file name: adapter names joined, in sorted order ("a+b")
+CONCURRENCY_SEPARATOR = "+"
 
 
 def quantize(
@@ -52,15 +64,29 @@ def quantize(
     activations: str = "uint16",
     lora_weights: str = "int16",
     per_channel: bool = True,
-    activation_scope: str = "lora",
+    activation_scope: str = "auto",
+    share_tolerance: float = 0.25,
+    mixed_precision: str | None = None,
+    mixed_error: float = 0.02,
     symmetric_activations: bool = False,
     calibration_method: str = "minmax",
     encodings_version: str = "1.0.0",
     adapters: Iterable[str] | None = None,
+    concurrencies: Iterable[Iterable[str]] | None = None,
     block_size: int = 32,
 ) -> AdapterPackage:
-    """Quantize a float adapter package into a QDQ adapter package (see module docstring)."""
-    _check_types(weights, activations, lora_weights, activation_scope, encodings_version)
+    """Quantize a float adapter package into a QDQ adapter package (see module docstring).
+
+    ``share_tolerance``: how much coarser (fraction of its own step) a shared encoding may make
+    any run's quantization step under ``activation_scope="auto"``. ``mixed_error``: the relative
+    8-bit error (``||x - qdq(x)|| / ||x||``) above which ``mixed_precision="auto"`` keeps an
+    activation at 16 bits. The decisions are recorded in the manifest (``extra.quantization``:
+    ``shared_activations``, ``adapter_dependent_activations`` with ``per_adapter_reasons``,
+    ``activations_16bit``, ``concurrencies``).
+    """
+    _check_types(weights, activations, lora_weights, activation_scope, encodings_version, mixed_precision)
+    _check_number("share_tolerance", share_tolerance)
+    _check_number("mixed_error", mixed_error)
     package = load_package(package_dir)
     man = package.manifest
     if man.mode != "inputs" or man.pack:
@@ -72,15 +98,20 @@ def quantize(
         raise QuantizationError(f"{package.path}: package has no adapters to quantize")
     for name in chosen:
         package.adapter_path(name)
+    combos = _check_concurrencies(concurrencies, chosen)
+    act_q = _QTYPES[activations]
+    if mixed_precision not in (None, "none") and act_q not in sc.WIDER:
+        raise QuantizationError(f"mixed_precision={mixed_precision!r} needs 8-bit activations, not {activations}")
     feeds = iter_calibration(calibration)
-
-    from graph_tools.adapters.compose import weights_from_slot_tensors
 
     adapter_weights = {}
     for name in chosen:
         path = package.adapter_path(name)
         adapter_weights[name] = weights_from_slot_tensors(man.slots, files.read_adapter(path), path)
+    # one run per adapter and per declared concurrency: slot feeds, then calibrated ranges
     slot_feeds = {name: compose(man.slots, [(w, 1.0)]) for name, w in adapter_weights.items()}
+    for combo in combos:
+        slot_feeds[_combo_name(combo)] = compose(man.slots, [(adapter_weights[a], 1.0) for a in combo])
 
     model = ir.load(package.model_path)
     slot_names = {s.name for s in man.slots}
@@ -88,15 +119,19 @@ def quantize(
     lora_acts = _lora_activations(model, sites)
     _fill_missing_dtypes(model, package.model_path)
     acts = _activations(model, slot_names)
-    ranges = collect_ranges(package.model_path, acts, {None: None, **slot_feeds}, feeds, method=calibration_method)
+    runs = {None: None, **slot_feeds}
+    ranges = collect_ranges(package.model_path, acts, runs, feeds, method=calibration_method)
     # tensors holding attention-mask sentinels (-inf / finfo.min) cannot share a scale with real
     # values: one code step would swallow every score. They stay float (listed in the manifest).
     unquantizable = sorted(a for a in acts if any(not _sane(*r.get(a)) for r in ranges.values()))
     acts = [a for a in acts if a not in set(unquantizable)]
-    per_adapter_acts = set(acts) if activation_scope == "all" else (lora_acts & set(acts))
+    sharing = sc.share_activations(acts, ranges, scope=activation_scope, tolerance=share_tolerance, lora=lora_acts)
+    per_adapter = set(sharing.per_adapter)
 
-    act_q = _QTYPES[activations]
-    q = _Quantizer(model, act_q, symmetric_activations)
+    q = QdqBuilder(model, symmetric_activations)
+    wide = _wide_activations(mixed_precision, mixed_error, model, acts, sharing, ranges, runs, feeds, package, q, act_q)
+    act_types = {name: (sc.WIDER[act_q] if name in wide else act_q) for name in acts}
+
     base_enc = enc.Encodings()
     # base weights
     if weights == "int4" and (not isinstance(block_size, int) or block_size < 2 or block_size % 2):
@@ -107,50 +142,49 @@ def quantize(
         else:
             e = q.quantize_weight(value, _QTYPES[weights], axis if per_channel else None)
         base_enc.add(e, param=True)
-    # activations
+    # activations: shared ones are constants; per-adapter ones are inputs defaulting to the base range
     act_slots: list[tuple[str, str, str]] = []  # (tensor, scale input, zero-point input)
     for name in acts:
-        lo, hi = ranges[None].get(name)
-        if name in per_adapter_acts:
-            scale_in, zp_in, e = q.insert_act_qdq(name, lo, hi, as_inputs=True)
+        if name in per_adapter:
+            lo, hi = ranges[None].get(name)
+            scale_in, zp_in, e = q.insert_act_qdq(name, lo, hi, act_types[name], as_inputs=True)
             act_slots.append((name, scale_in, zp_in))
         else:
-            e = q.insert_act_qdq(name, lo, hi, as_inputs=False)
+            e = q.insert_act_qdq(name, *sharing.shared[name], act_types[name], as_inputs=False)
         base_enc.add(e)
     # LoRA slots
     lora_q = _QTYPES[lora_weights]
     quant_slots = [q.quantize_slot(s, lora_q) for s in man.slots]
 
     opset = model.opset_imports.get("", 17)
-    if (weights == "int4" or any(t in (np.int16, np.uint16) for t in (act_q, lora_q))) and opset < 21:
+    sixteen = any(t in (np.int16, np.uint16) for t in (*act_types.values(), lora_q))
+    if (weights == "int4" or sixteen) and opset < 21:
         _raise_opset(model, 21)
 
-    # adapter tensors + encodings
-    adapter_files = {}
-    adapter_encs = {}
-    for name in chosen:
+    # adapter (and concurrency) tensors + encodings
+    run_files: dict[str, dict[str, np.ndarray]] = {}
+    run_encs: dict[str, enc.Encodings] = {}
+    for run in slot_feeds:
         tensors: dict[str, np.ndarray] = {}
         a_enc = enc.Encodings()
         for e in base_enc.param_encodings.values():
             a_enc.add(e, param=True)
         for slot, qs in zip(man.slots, quant_slots):
-            value = slot_feeds[name][slot.name]
-            qv, scale = _quantize_per_tensor(value, lora_q)
+            qv, scale = quantize_per_tensor(slot_feeds[run][slot.name], lora_q)
             tensors[qs["q"]] = qv
             tensors[qs["scale"]] = np.array([scale], np.float32)
             a_enc.add(enc.from_quantize_linear(slot.name, np.float32(scale), np.zeros((), lora_q)), param=True)
         for tensor_name in acts:
-            if any(tensor_name == t for t, _, _ in act_slots):
-                continue
-            a_enc.add(base_enc.activation_encodings[tensor_name])
+            if tensor_name not in per_adapter:
+                a_enc.add(base_enc.activation_encodings[tensor_name])
         for tensor_name, scale_in, zp_in in act_slots:
-            lo, hi = ranges[name].get(tensor_name)
-            scale, zp = q.act_params(lo, hi)
+            qtype = act_types[tensor_name]
+            scale, zp = q.act_params(*ranges[run].get(tensor_name), qtype)
             tensors[scale_in] = np.array([scale], np.float32)
-            tensors[zp_in] = np.array([zp], act_q)
-            a_enc.add(enc.from_quantize_linear(tensor_name, np.float32(scale), np.array(zp, act_q)))
-        adapter_files[name] = tensors
-        adapter_encs[name] = a_enc
+            tensors[zp_in] = np.array([zp], qtype)
+            a_enc.add(enc.from_quantize_linear(tensor_name, np.float32(scale), np.array(zp, qtype)))
+        run_files[run] = tensors
+        run_encs[run] = a_enc
     for e in q.default_lora_param_encodings(man.slots, lora_q):
         base_enc.add(e, param=True)
 
@@ -160,7 +194,7 @@ def quantize(
         new_slots.append(mf.SlotSpec(name=qs["scale"], shape=[1], dtype="float32", site=slot.site, role=f"{slot.role}.scale", layout="scalar"))
     for tensor_name, scale_in, zp_in in act_slots:
         new_slots.append(mf.SlotSpec(name=scale_in, shape=[1], dtype="float32", site=tensor_name, role="activation.scale", layout="scalar"))
-        new_slots.append(mf.SlotSpec(name=zp_in, shape=[1], dtype=np.dtype(act_q).name, site=tensor_name, role="activation.zero_point", layout="scalar"))
+        new_slots.append(mf.SlotSpec(name=zp_in, shape=[1], dtype=np.dtype(act_types[tensor_name]).name, site=tensor_name, role="activation.zero_point", layout="scalar"))
 
     fmt = man.adapters[0].format if man.adapters else "onnx_adapter"
     with atomic_output(out_dir) as tmp:
@@ -168,21 +202,31 @@ def quantize(
         (tmp / "adapters").mkdir()
         (tmp / "encodings").mkdir()
         enc.write_encodings(tmp / "encodings" / "base.encodings", base_enc, version=encodings_version)
-        specs = []
-        for name in chosen:
-            rel = f"adapters/{name}{files.ADAPTER_SUFFIX[fmt]}"
-            files.write_adapter(tmp / rel, adapter_files[name], format=fmt, metadata={"adapter": name})
-            enc.write_encodings(tmp / "encodings" / f"{name}.encodings", adapter_encs[name], version=encodings_version)
-            old = man.adapter(name)
-            specs.append(dataclasses.replace(old, file=rel))
+        specs, combo_info = [], []
+        for run in slot_feeds:
+            rel = f"adapters/{run}{files.ADAPTER_SUFFIX[fmt]}"
+            files.write_adapter(tmp / rel, run_files[run], format=fmt, metadata={"adapter": run})
+            enc.write_encodings(tmp / "encodings" / f"{run}.encodings", run_encs[run], version=encodings_version)
+            if run in adapter_weights:
+                specs.append(dataclasses.replace(man.adapter(run), file=rel))
+            else:
+                combo_info.append({"name": run, "adapters": run.split(CONCURRENCY_SEPARATOR), "file": rel,
+                                   "encodings": f"encodings/{run}.encodings"})
         lora_list = sorted({s.name for s in man.slots})
         (tmp / "lora_weight_list.txt").write_text("\n".join(lora_list) + "\n")
         quant_info = {
             "weights": weights, "activations": activations, "lora_weights": lora_weights,
-            "per_channel": per_channel, "activation_scope": activation_scope,
+            "per_channel": per_channel, "activation_scope": activation_scope, "share_tolerance": share_tolerance,
             "encodings_version": encodings_version, "calibration_method": calibration_method,
-            "adapter_dependent_activations": sorted(per_adapter_acts),
+            "shared_activations": sorted(sharing.shared),
+            "adapter_dependent_activations": sorted(per_adapter),
+            "per_adapter_reasons": dict(sorted(sharing.reasons.items())),
+            "activation_summary": sharing.summary(),
+            "mixed_precision": mixed_precision if mixed_precision not in (None, "none") else None,
+            "mixed_error": mixed_error,
+            "activations_16bit": sorted(wide),
             "float_activations": unquantizable,
+            "concurrencies": combo_info,
             "float_slots": [dataclasses.asdict(s) for s in man.slots],
         }
         new_manifest = dataclasses.replace(
@@ -190,24 +234,78 @@ def quantize(
             extra={**(man.extra or {}), "quantization": quant_info},
         )
         mf.write_manifest(tmp / "manifest.json", new_manifest)
-    logger.info("quantized package: %d base weights, %d activations (%d per adapter), %d adapters",
-                len(base_enc.param_encodings), len(acts), len(per_adapter_acts), len(chosen))
+    logger.info("quantized package: %d base weights, %d activations (%s; %d at 16 bits), %d adapters, %d concurrencies",
+                len(base_enc.param_encodings), len(acts), sharing.summary(), len(wide), len(chosen), len(combos))
     return AdapterPackage(Path(out_dir).resolve(), new_manifest)
+
+
+def _combo_name(combo: tuple[str, ...]) -> str:
+    return CONCURRENCY_SEPARATOR.join(combo)
+
+
+def _check_concurrencies(concurrencies, chosen: list[str]) -> list[tuple[str, ...]]:
+    """Declared concurrencies as sorted name tuples; each names >= 2 distinct quantized adapters."""
+    if concurrencies is None:
+        return []
+    if isinstance(concurrencies, (str, bytes)):
+        raise QuantizationError(f"concurrencies must be a list of adapter-name tuples, not {concurrencies!r}")
+    out: list[tuple[str, ...]] = []
+    for combo in concurrencies:
+        names = [combo] if isinstance(combo, str) else list(combo)
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise QuantizationError(f"concurrency {names!r} must name two or more different adapters")
+        for n in names:
+            if n not in chosen:
+                raise QuantizationError(f"concurrency {names!r}: {n!r} is not an adapter being quantized ({', '.join(chosen)})")
+        key = tuple(sorted(names))
+        if _combo_name(key) in chosen:
+            raise QuantizationError(f"concurrency {names!r}: its file name {_combo_name(key)!r} is an adapter's name")
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def _wide_activations(mode, threshold, model, acts, sharing, ranges, runs, feeds, package, q, act_q) -> set[str]:
+    """Activations kept at 16 bits in an 8-bit package (see module docstring)."""
+    if mode in (None, "none"):
+        return set()
+    if mode == "layernorm":
+        return sc.norm_tensors(model) & set(acts)
+    info = np.iinfo(act_q)
+    candidates = {}
+    for name in acts:
+        params = {}
+        for run, r in ranges.items():
+            lo, hi = sharing.shared.get(name) or r.get(name)
+            scale, zp = q.act_params(lo, hi, act_q)
+            params[run] = (scale, zp, int(info.min), int(info.max))
+        candidates[name] = params
+    errors = collect_errors(package.model_path, candidates, runs, feeds)
+    wide = sc.wide_by_error(errors, threshold)
+    logger.info("mixed precision: %d of %d activations above %.3g relative 8-bit error", len(wide), len(acts), threshold)
+    return wide
 
 
 def _sane(lo: float, hi: float) -> bool:
     return bool(np.isfinite(lo) and np.isfinite(hi) and max(abs(lo), abs(hi)) < 1e30)
 
 
-def _check_types(weights, activations, lora_weights, scope, version) -> None:
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise QuantizationError(f"{name} must be a non-negative number, not {value!r}")
+
+
+def _check_types(weights, activations, lora_weights, scope, version, mixed) -> None:
     if weights not in ("int8", "int4"):
         raise QuantizationError(f"weights={weights!r} is not supported; supported: int8, int4 (blockwise)")
     if activations not in ("uint8", "uint16", "int8", "int16"):
         raise QuantizationError(f"activations={activations!r} is not supported; supported: uint8, uint16, int8, int16")
     if lora_weights not in ("int8", "int16"):
         raise QuantizationError(f"lora_weights={lora_weights!r} is not supported; supported: int8, int16")
-    if scope not in ("lora", "all"):
-        raise QuantizationError(f"activation_scope must be 'lora' or 'all', not {scope!r}")
+    if scope not in ("auto", "lora", "all"):
+        raise QuantizationError(f"activation_scope must be 'auto', 'lora' or 'all', not {scope!r}")
+    if mixed not in (None, "none", "layernorm", "auto"):
+        raise QuantizationError(f"mixed_precision must be None, 'layernorm' or 'auto', not {mixed!r}")
     if version not in ("1.0.0", "2.0.0"):
         raise QuantizationError(f"encodings_version must be 1.0.0 or 2.0.0, not {version!r}")
 
@@ -289,13 +387,6 @@ def _base_weights(model: ir.Model, slot_names: set[str]):
         yield value, axis
 
 
-def _quantize_per_tensor(x: np.ndarray, qtype) -> tuple[np.ndarray, float]:
-    qmax = np.iinfo(qtype).max
-    amax = float(np.max(np.abs(x))) if x.size else 0.0
-    scale = amax / qmax if amax > 0 else 1.0
-    return np.clip(np.round(x / scale), -qmax, qmax).astype(qtype), scale
-
-
 def _raise_opset(model: ir.Model, target: int) -> None:
     current = model.opset_imports.get("", 17)
     if current >= 20:
@@ -304,181 +395,3 @@ def _raise_opset(model: ir.Model, target: int) -> None:
     from onnxscript import version_converter
 
     version_converter.convert_version(model, target)
-
-
-class _Quantizer:
-    def __init__(self, model: ir.Model, act_q, symmetric: bool):
-        self.model = model
-        self.graph = model.graph
-        self.act_q = act_q
-        self.symmetric = symmetric
-        self._counter = 0
-        self._pending: list[ir.Node] = []
-        self._values = {v.name: v for v in model.graph.inputs}
-        for node in model.graph:
-            for v in node.outputs:
-                self._values.setdefault(v.name, v)
-
-    def _const(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array, name=name))
-        self.graph.register_initializer(value)
-        return value
-
-    def _input(self, name: str, array: np.ndarray, shape) -> ir.Value:
-        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array, name=name))
-        self.graph.inputs.append(value)
-        self.graph.register_initializer(value)
-        return value
-
-    def act_params(self, lo: float, hi: float) -> tuple[float, int]:
-        info = np.iinfo(self.act_q)
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        if self.symmetric or info.min < 0:
-            amax = max(abs(lo), abs(hi))
-            scale = amax / info.max if amax > 0 else 1.0
-            zp = 0 if info.min < 0 else (info.max + 1) // 2
-            return float(scale), int(zp)
-        scale = (hi - lo) / (info.max - info.min) if hi > lo else 1.0
-        zp = int(np.clip(round(info.min - lo / scale), info.min, info.max))
-        return float(scale), zp
-
-    def insert_act_qdq(self, name: str, lo: float, hi: float, *, as_inputs: bool):
-        self._pending = []
-        value = self._find_value(name)
-        scale, zp = self.act_params(lo, hi)
-        if as_inputs:
-            s_in = self._input(f"{name}.act_scale", np.array([scale], np.float32), [1])
-            z_in = self._input(f"{name}.act_zero_point", np.array([zp], self.act_q), [1])
-            shape0 = self._const(f"{name}.act_scalar_shape", np.array([], np.int64))
-            s = self._node("Reshape", [s_in, shape0], name)
-            z = self._node("Reshape", [z_in, shape0], name)
-        else:
-            s = self._const(f"{name}.act_scale", np.array(scale, np.float32))
-            z = self._const(f"{name}.act_zero_point", np.array(zp, self.act_q))
-        self._wrap(value, s, z)
-        e = enc.from_quantize_linear(name, np.float32(scale), np.array(zp, self.act_q))
-        return (s_in.name, z_in.name, e) if as_inputs else e
-
-    def _node(self, op, inputs, tag, attributes=None):
-        self._counter += 1
-        node = ir.Node("", op, inputs, attributes=attributes or [], name=f"qdq/{tag}/{op}_{self._counter}")
-        self._pending.append(node)
-        return node.outputs[0]
-
-    def _find_value(self, name: str) -> ir.Value:
-        value = self._values.get(name)
-        if value is not None:
-            return value
-        raise QuantizationError(f"tensor {name!r} not found in the graph")
-
-    def _wrap(self, value: ir.Value, scale: ir.Value, zp: ir.Value) -> None:
-        """value -> Q -> DQ; every consumer (and graph output) reads the DQ output, named as value."""
-        uses = list(value.uses())
-        pending = self._pending
-        self._pending = []
-        qn = ir.Node("", "QuantizeLinear", [value, scale, zp], name=f"qdq/{value.name}/Q")
-        dq = ir.Node("", "DequantizeLinear", [qn.outputs[0], scale, zp], name=f"qdq/{value.name}/DQ")
-        producer = value.producer()
-        new_nodes = pending + [qn, dq]
-        if producer is None:
-            self.graph.insert_before(next(iter(self.graph)), new_nodes)
-        else:
-            self.graph.insert_after(producer, new_nodes)
-        for use in uses:
-            use.node.replace_input_with(use.idx, dq.outputs[0])
-        original = value.name
-        qn.outputs[0].name = f"{original}_quantized"
-        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
-        if value.is_graph_output():
-            for i, o in enumerate(self.graph.outputs):
-                if o is value:
-                    self.graph.outputs[i] = dq.outputs[0]
-            value.name = f"{original}_prequant"
-            dq.outputs[0].name = original
-        else:
-            dq.outputs[0].name = f"{original}_dequant"
-
-    def quantize_weight(self, value: ir.Value, qtype, axis: int | None):
-        self._pending = []
-        w = value.const_value.numpy().astype(np.float32)
-        qmax = np.iinfo(qtype).max
-        if axis is None:
-            amax = np.array(np.max(np.abs(w)))
-        else:
-            amax = np.max(np.abs(w), axis=tuple(i for i in range(w.ndim) if i != axis))
-        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-        shape = [1] * w.ndim
-        if axis is not None:
-            shape[axis] = -1
-        qw = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(qtype)
-        attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
-        self._dequantized_weight(value, qw, scale, attrs)
-        return enc.from_quantize_linear(value.name, scale, np.zeros(scale.shape, qtype), axis=axis)
-
-    def _dequantized_weight(self, value: ir.Value, quantized: np.ndarray, scale: np.ndarray, attrs) -> None:
-        """Replace float initializer ``value`` by DequantizeLinear(quantized, scale, 0) under its name."""
-        name = value.name
-        qv = self._const(f"{name}_quantized", quantized)
-        s = self._const(f"{name}.scale", scale)
-        z = self._const(f"{name}.zero_point", np.zeros(scale.shape, quantized.dtype))
-        dq = ir.Node("", "DequantizeLinear", [qv, s, z], attributes=attrs, name=f"qdq/{name}/DQ")
-        self.graph.insert_before(next(iter(self.graph)), dq)
-        ir.convenience.replace_all_uses_with(value, dq.outputs[0])
-        del self.graph.initializers[name]
-        dq.outputs[0].name = name
-        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
-
-    def quantize_weight_blockwise(self, value: ir.Value, block: int, channel_axis: int | None):
-        """int4 symmetric, one scale per ``block`` inputs per output channel (2-D MatMul/Gemm weights).
-
-        Other weights (conv kernels, embedding tables) or an input size not divisible by the
-        block fall back to int8 per-channel.
-        """
-        import ml_dtypes
-
-        w = value.const_value.numpy().astype(np.float32)
-        if w.ndim != 2 or channel_axis not in (0, 1):
-            return self.quantize_weight(value, np.int8, channel_axis)
-        axis = 1 - channel_axis  # the input (reduction) axis carries the blocks
-        if w.shape[axis] % block:
-            return self.quantize_weight(value, np.int8, channel_axis)
-        self._pending = []
-        moved = np.moveaxis(w, axis, 0)  # [in, out]
-        blocks = moved.reshape(moved.shape[0] // block, block, moved.shape[1])
-        amax = np.abs(blocks).max(axis=1)  # [in/B, out]
-        scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
-        q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7).reshape(moved.shape)
-        q = np.moveaxis(q, 0, axis)
-        scale = np.moveaxis(scale, 0, axis)  # blocks along `axis`
-        attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block)]
-        self._dequantized_weight(value, q.astype(ml_dtypes.int4), scale, attrs)
-        return enc.from_quantize_linear(value.name, scale, np.zeros(scale.shape, ml_dtypes.int4), axis=axis, block_size=block)
-
-    def quantize_slot(self, slot, qtype) -> dict[str, str]:
-        """Float slot input -> quantized input + scale input -> DequantizeLinear -> old uses."""
-        self._pending = []
-        old = self._find_value(slot.name)
-        shape = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else d) for d in old.shape]
-        # default: rank 1 of zeros, not rank 0 -- ORT's fused quantized kernels (e.g. QLinearMatMul
-        # for 8-bit QDQ) do not zero-fill an empty inner dimension; a zero row is exact in any type.
-        zero_shape = [1 if isinstance(d, str) else d for d in shape]
-        q_in = self._input(f"{slot.name}_quantized", np.zeros(zero_shape, qtype), shape)
-        s_in = self._input(f"{slot.name}.scale", np.ones([1], np.float32), [1])
-        shape0 = self._const(f"{slot.name}.scalar_shape", np.array([], np.int64))
-        zp = self._const(f"{slot.name}.zero_point", np.zeros((), qtype))
-        s = self._node("Reshape", [s_in, shape0], slot.name)
-        dq = ir.Node("", "DequantizeLinear", [q_in, s, zp], name=f"qdq/{slot.name}/DQ")
-        self.graph.insert_before(next(iter(self.graph)), self._pending + [dq])
-        self._pending = []
-        ir.convenience.replace_all_uses_with(old, dq.outputs[0])
-        self.graph.inputs.remove(old)
-        del self.graph.initializers[slot.name]
-        old.name = f"{slot.name}_float_slot"
-        dq.outputs[0].name = slot.name
-        dq.outputs[0].shape, dq.outputs[0].type = old.shape, old.type
-        return {"q": q_in.name, "scale": s_in.name}
-
-    def default_lora_param_encodings(self, slots, qtype):
-        return [enc.from_quantize_linear(s.name, np.float32(1.0), np.zeros((), qtype)) for s in slots]

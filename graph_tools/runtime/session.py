@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from graph_tools.adapters import files
 from graph_tools.adapters.manifest import check_adapter_tensors
-from graph_tools.adapters.compose import compose, pack_tensors, read_slot_weights, unpack_tensors
+from graph_tools.adapters.compose import compose, fill_empty_ranks, pack_tensors, read_slot_weights, unpack_tensors
 from graph_tools.adapters.load import load_package, load_package_model
 from graph_tools.errors import AdapterError, LoraOnnxError, first_line as _first_line
 from graph_tools.passes.mixed import ROWS_PREFIX
@@ -103,6 +103,7 @@ class AdapterSession:
             # quantized values + encodings are fed as stored, one adapter per run
             tensors = unpack_tensors(self._packs, files.read_adapter(Path(path)), source=path)
             check_adapter_tensors(self.manifest, tensors, source=str(path))
+            tensors = fill_empty_ranks(self._slots, tensors)  # no empty inner dim reaches ORT
             weights = {}
             self._raw[name] = tensors
         else:
