@@ -216,7 +216,7 @@ def pipeline(
     pack: bool = False,
     quiet: bool = False,
     report: bool = True,
-    activation_scope: str = "lora",
+    activation_scope: str = "auto",
     model=None,
 ) -> PipelineResult:
     """Run export -> inspect -> extract -> (quantize) -> verify (-> report.html) into ``out``.

@@ -198,12 +198,17 @@ def _cmd_quantize(args) -> int:
     arrays = {k: data[k] for k in data.files}
     count = min((len(a) for a in arrays.values()), default=0)
     feeds = [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(count)]
+    concurrencies = [c.split("+") for c in args.concurrency or []]
     package = quantize(args.package, args.output, feeds, weights=args.weights, activations=args.activations,
                        lora_weights=args.lora_weights, per_channel=not args.per_tensor, activation_scope=args.activation_scope,
-                       calibration_method=args.method, encodings_version=args.encodings_version, block_size=args.block_size)
+                       share_tolerance=args.share_tolerance, mixed_precision=args.mixed_precision,
+                       calibration_method=args.method, encodings_version=args.encodings_version, block_size=args.block_size,
+                       concurrencies=concurrencies)
     q = package.manifest.extra["quantization"]
-    print(f"quantized package {package.path}: {len(q['adapter_dependent_activations'])} adapter-dependent activations, "
-          f"{len(q['float_activations'])} kept float; encodings in {package.path / 'encodings'}")
+    wide = f", {len(q['activations_16bit'])} at 16 bits" if q["mixed_precision"] else ""
+    combos = "".join(f"; concurrency {c['name']}" for c in q["concurrencies"])
+    print(f"quantized package {package.path}: activation encodings {q['activation_summary']}{wide}, "
+          f"{len(q['float_activations'])} kept float{combos}; encodings in {package.path / 'encodings'}")
     return 0
 
 
@@ -274,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", choices=["uint16", "uint8", "int16", "int8"], default="uint16")
     p.add_argument("--lora-weights", choices=["int16", "int8"], default="int16")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel base weights")
-    p.add_argument("--activation-scope", choices=["lora", "all"], default="lora")
+    p.add_argument("--activation-scope", choices=["auto", "lora", "all"], default="auto",
+                   help="auto: share an activation encoding where it fits every adapter, per adapter elsewhere")
+    p.add_argument("--share-tolerance", type=float, default=0.25,
+                   help="auto scope: how much coarser a shared encoding may make any adapter's step (fraction)")
+    p.add_argument("--mixed-precision", choices=["layernorm", "auto"], default=None,
+                   help="8-bit activations: keep norm inputs/outputs (layernorm) or high-error tensors (auto) at 16 bits")
+    p.add_argument("--concurrency", action="append", metavar="A+B", help="calibrate and serve these adapters together (repeat)")
     p.add_argument("--method", choices=["minmax", "percentile"], default="minmax")
     p.add_argument("--encodings-version", choices=["1.0.0", "2.0.0"], default="1.0.0")
     p.set_defaults(func=_cmd_quantize)
@@ -298,15 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help=".npz of input arrays; one row per calibration batch")
     p.add_argument("--mode", choices=["inputs", "external"], default="inputs")
     p.add_argument("--pack", action="store_true")
-    p.add_argument("--activation-scope", choices=["lora", "all"], default="lora",
-                   help="per-adapter activation encodings: LoRA branches only (AIMET flow) or all")
+    p.add_argument("--activation-scope", choices=["auto", "lora", "all"], default="auto",
+                   help="per-adapter activation encodings: where needed (auto), LoRA branches only (AIMET flow) or all")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("demo", help="the pipeline on real MiniLM weights with two adapters trained in-process")
     p.add_argument("-o", "--output", default="lora-onnx-demo", help="output folder (default: %(default)s)")
     p.add_argument("--quantize", choices=["w8a16", "w8a8", "none"], default="w8a16")
-    p.add_argument("--activation-scope", choices=["lora", "all"], default="lora")
+    p.add_argument("--activation-scope", choices=["auto", "lora", "all"], default="auto")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -3,7 +3,8 @@
 * ``inputs`` packages: one ``InferenceSession``; each adapter's slot values are turned into
   ``OrtValue``s once, when the adapter is loaded; a run feeds them with the user's inputs. Base
   only = feed nothing (the slots' zero-rank defaults). Several adapters at once = their slots
-  concatenated along rank with per-adapter weights (cached per combination).
+  concatenated along rank with per-adapter weights (cached per combination). A quantized package
+  runs one adapter per run, or a concurrency declared at quantize time (its own calibrated file).
 * ``external`` packages: adapter values are supplied at session creation through
   ``SessionOptions.add_initializer`` (plain onnxruntime users can use
   ``add_external_initializers``, which copies); one session per adapter (created on first use),
@@ -84,8 +85,12 @@ class AdapterSession:
                     options.add_session_config_entry(key, str(value))
             self._session = _create_session(self.package.model_path, options, self._providers)
             self._input_names = {i.name for i in self._session.get_inputs()} - adapter_fed
+        # declared concurrencies of a quantized package: sorted adapter names -> stored tensors
+        self._combos: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
         for spec in self.manifest.adapters:
             self._load(spec.name, self.package.path / spec.file, expected=set(spec.scale))
+        for combo in (self.manifest.extra or {}).get("quantization", {}).get("concurrencies") or []:
+            self._combos[tuple(sorted(combo["adapters"]))] = self._read_quantized(self.package.path / combo["file"])
 
     # -- adapters ------------------------------------------------------------------------------
     @property
@@ -100,22 +105,32 @@ class AdapterSession:
 
     def _load(self, name: str, path: Path, expected: set[str] | None) -> None:
         if self.quantized:
-            # quantized values + encodings are fed as stored, one adapter per run
-            tensors = unpack_tensors(self._packs, files.read_adapter(Path(path)), source=path)
-            check_adapter_tensors(self.manifest, tensors, source=str(path))
-            tensors = fill_empty_ranks(self._slots, tensors)  # no empty inner dim reaches ORT
+            # quantized values + encodings are fed as stored: one adapter (or declared concurrency) per run
             weights = {}
-            self._raw[name] = tensors
+            self._raw[name] = self._read_quantized(path)
         else:
             weights = read_slot_weights(self._slots, self._packs, path, expected_modules=expected)
         with self._lock:
             self._weights[name] = weights
+            if expected is None:  # a replaced adapter: its declared concurrencies no longer match
+                for combo in [c for c in self._combos if name in c]:
+                    del self._combos[combo]
             for key in [k for k in self._feeds if _mentions(k, name)]:
                 del self._feeds[key]
             for key in [k for k in self._sessions if _mentions(k, name)]:
                 del self._sessions[key]
             if self._mixed is not None:
                 self._mixed.forget(name)
+
+    def _read_quantized(self, path: Path) -> dict[str, np.ndarray]:
+        tensors = unpack_tensors(self._packs, files.read_adapter(Path(path)), source=path)
+        check_adapter_tensors(self.manifest, tensors, source=str(path))
+        return fill_empty_ranks(self._slots, tensors)  # no empty inner dim reaches ORT
+
+    @property
+    def concurrencies(self) -> list[tuple[str, ...]]:
+        """Adapter combinations a quantized package serves in one run (declared at quantize time)."""
+        return list(self._combos)
 
     def _key(self, adapter: AdapterChoice):
         if adapter is None:
@@ -138,10 +153,16 @@ class AdapterSession:
         if self.quantized:
             if not key:
                 return {}
-            if len(key) != 1 or key[0][1] != 1.0:
-                raise AdapterError("a quantized package runs one adapter at a time (weight 1.0): "
-                                   "its encodings were calibrated per adapter")
-            return dict(self._raw[key[0][0]])
+            if len(key) == 1 and key[0][1] == 1.0:
+                return dict(self._raw[key[0][0]])
+            names = tuple(a for a, _ in key)
+            if names in self._combos and all(w == 1.0 for _, w in key):
+                return dict(self._combos[names])
+            declared = ", ".join("+".join(c) for c in self._combos) or "none"
+            asked = "+".join(f"{a}" if w == 1.0 else f"{a}={w:g}" for a, w in key)
+            raise AdapterError(f"a quantized package runs one adapter at a time (weight 1.0) or a declared concurrency "
+                               f"(weight 1.0 each; declared: {declared}), not {asked}: its encodings were calibrated "
+                               "per adapter; declare it with quantize(..., concurrencies=[...])")
         chosen = [(self._weights[a], w) for a, w in key] if key else []
         values = compose(self._slots, chosen)
         return pack_tensors(self._packs, values) if self._packs else values
