@@ -17,6 +17,7 @@ __all__ = [
     "PackageError",
     "QuantizationError",
     "EncodingsError",
+    "GenerationError",
     "first_line",
 ]
 
@@ -59,6 +60,10 @@ class QuantizationError(LoraOnnxError):
 
 class EncodingsError(LoraOnnxError):
     """An encodings file is malformed or does not match the graph."""
+
+
+class GenerationError(LoraOnnxError):
+    """Text generation was asked for with bad settings (prompt beyond the context, max_new_tokens)."""
 
 
 def first_line(exc: BaseException | str, limit: int = 200) -> str:

@@ -112,3 +112,19 @@ class DecoderExports:
 @pytest.fixture(scope="session")
 def decoders(tmp_path_factory) -> DecoderExports:
     return DecoderExports(tmp_path_factory.mktemp("decoders"))
+
+
+@pytest.fixture(scope="session")
+def decoder_packages(decoders, tmp_path_factory):
+    """``decoder_packages(family, mode="inputs") -> package path`` of the family's KV export."""
+    from graph_tools.adapters.package import extract_adapters
+
+    folder = tmp_path_factory.mktemp("decoder_packages")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, mode: str = "inputs") -> Path:
+        if (family, mode) not in made:
+            made[family, mode] = extract_adapters(decoders(family)[1], folder / f"{family}_{mode}", mode=mode).path
+        return made[family, mode]
+
+    return get

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 __all__ = ["FAMILIES", "VOCAB", "causal_lm", "reference_step"]
 
 VOCAB = 96
-_COMMON = dict(vocab_size=VOCAB, attn_implementation="eager", use_cache=True, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(vocab_size=VOCAB, attn_implementation="eager", use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 # family -> (config class name, config kwargs, targets of "default", targets of "second")
 _SPECS = {
@@ -28,7 +28,7 @@ _SPECS = {
               ["q_proj", "k_proj", "v_proj"], ["v_proj", "o_proj"]),
     "phi3": ("Phi3Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=48, original_max_position_embeddings=48,
-                                pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
+                                resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
              ["qkv_proj", "gate_up_proj"], ["qkv_proj", "o_proj", "down_proj"]),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=1, n_head=4, n_inner=48, n_positions=48, resid_pdrop=0.0,
                                 embd_pdrop=0.0, attn_pdrop=0.0),

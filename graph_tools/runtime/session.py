@@ -36,6 +36,7 @@ from graph_tools.adapters.compose import compose, fill_empty_ranks, pack_tensors
 from graph_tools.adapters.load import load_package, load_package_model
 from graph_tools.errors import AdapterError, LoraOnnxError, first_line as _first_line
 from graph_tools.passes.mixed import ROWS_PREFIX
+from graph_tools.runtime import generate as generate_mod
 
 __all__ = ["AdapterSession"]
 
@@ -219,6 +220,30 @@ class AdapterSession:
             return session.run(output_names, feed, run_options)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
             raise LoraOnnxError(f"{self.package.path}: onnxruntime refused the run: {_first_line(exc)}") from None
+
+    # -- generation (the loop lives in graph_tools.runtime.generate) ---------------------------
+    def generate(self, input_ids, *, attention_mask=None, adapter: AdapterChoice = None, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id=None) -> np.ndarray:
+        """Generate on a KV-cache package: int64 ``[batch, prompt + new]`` like Hugging Face
+        ``generate`` (left-padded batches, rows padded after eos). ``adapter`` as in :meth:`run`."""
+        config = generate_mod.GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id)
+        return generate_mod.generate(self, input_ids, attention_mask=attention_mask, adapter=adapter, config=config)
+
+    def generate_stream(self, input_ids, *, attention_mask=None, adapter: AdapterChoice = None,
+                        max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                        eos_token_id=None):
+        """Like :meth:`generate`, yielding each step's new token per row (``[batch]`` int64)."""
+        config = generate_mod.GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id)
+        return generate_mod.generate_stream(self, input_ids, attention_mask=attention_mask, adapter=adapter,
+                                            config=config)
+
+    def _generation_session(self, key) -> tuple[ort.InferenceSession, dict[str, ort.OrtValue]]:
+        """The session and the slot values to bind for adapter choice ``key`` (prepared once)."""
+        if self.external:
+            return self._external_session(key), {}
+        return self._session, (self._feed_for(key) if key is not None else {})
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         if not isinstance(feeds, Mapping):
