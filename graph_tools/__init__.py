@@ -13,6 +13,7 @@ from graph_tools.errors import (
     EncodingsError,
     ExportError,
     ExternalDataError,
+    GenerationError,
     LoraOnnxError,
     ModelLoadError,
     NoLoraError,
@@ -46,4 +47,5 @@ __all__ = [
     "PackageError",
     "QuantizationError",
     "EncodingsError",
+    "GenerationError",
 ]

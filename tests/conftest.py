@@ -117,7 +117,7 @@ def decoders(tmp_path_factory) -> DecoderExports:
 @pytest.fixture(scope="session")
 def decoder_packages(decoders, tmp_path_factory):
     """``decoder_packages(family, mode="inputs") -> package path`` of the family's KV export."""
-    from graph_tools.adapters.package import extract_adapters
+    from graph_tools import extract_adapters
 
     folder = tmp_path_factory.mktemp("decoder_packages")
     made: dict[tuple[str, str], Path] = {}

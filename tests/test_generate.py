@@ -154,7 +154,7 @@ def test_bad_generation_arguments(decoder_packages):
 
 
 def test_generate_on_a_package_without_past(graphs, tmp_path):
-    from graph_tools.adapters.package import extract_adapters
+    from graph_tools import extract_adapters
 
     pkg = extract_adapters(graphs("ours", "llama"), tmp_path / "pkg").path
     with pytest.raises(PackageError, match="not exported with past"):
