@@ -167,6 +167,36 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from graph_tools.runtime import generate as gen
+    from graph_tools.runtime.session import AdapterSession
+
+    tokenizer = None
+    if args.prompt is not None:
+        if not args.tokenizer:
+            raise LoraOnnxError("--prompt needs --tokenizer DIR (or give --ids)")
+        tokenizer = gen.load_tokenizer(args.tokenizer)
+        ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise LoraOnnxError("--prompt encodes to no tokens")
+    else:
+        try:
+            ids = [int(t) for t in args.ids.split(",") if t.strip()]
+        except ValueError:
+            raise LoraOnnxError(f"--ids {args.ids!r}: expected comma-separated token ids like 1,2,3") from None
+    session = AdapterSession(args.package)
+    steps = session.generate_stream(
+        [ids], adapter=_parse_adapters(args.adapter), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    pieces = gen.stream_text(tokenizer, steps) if tokenizer is not None else (
+        ("," if i else "") + str(int(step[0])) for i, step in enumerate(steps))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def _parse_adapters(values):
     """``--adapter NAME`` -> ``"NAME"``; several or ``NAME=WEIGHT`` -> ``{name: weight}``."""
     if not values:
@@ -269,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feeds", required=True, help=".npz with one array per model input")
     p.add_argument("-o", "--output", default=None, help="write outputs to this .npz")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("generate", help="generate tokens from a KV-cache package, streaming to stdout")
+    p.add_argument("package")
+    p.add_argument("--adapter", action="append", help="adapter name; repeat (NAME=WEIGHT) for several at once")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs --tokenizer)")
+    prompt.add_argument("--ids", help="prompt token ids, comma-separated: 1,2,3")
+    p.add_argument("--tokenizer", help="Hugging Face tokenizer folder (tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("quantize", help="QDQ-quantize a package with per-adapter encodings")
     p.add_argument("package")

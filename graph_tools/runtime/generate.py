@@ -26,7 +26,7 @@ from graph_tools.runtime.decoder import METADATA_KEY, DecoderInfo
 if TYPE_CHECKING:
     from graph_tools.runtime.session import AdapterSession
 
-__all__ = ["GenerationConfig", "generate", "generate_stream", "decoder_info_of"]
+__all__ = ["GenerationConfig", "generate", "generate_stream", "decoder_info_of", "load_tokenizer", "stream_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +202,36 @@ def _choose(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generat
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+def load_tokenizer(folder):
+    """A ``tokenizers.Tokenizer`` from a Hugging Face tokenizer folder (its ``tokenizer.json``)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GenerationError(f"{folder}: tokenizer folder does not exist")
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise GenerationError(f"{folder}: tokenizer folder has no tokenizer.json (save it with a fast tokenizer's "
+                              "save_pretrained)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - installed with transformers
+        raise GenerationError("--prompt needs the 'tokenizers' package (pip install tokenizers)") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises bare Exceptions on malformed files
+        raise GenerationError(f"{path}: not a tokenizer file: {first_line(exc)}") from None
+
+
+def stream_text(tokenizer, steps: Iterator[np.ndarray]) -> Iterator[str]:
+    """Text pieces of row 0 as tokens arrive (decoded as a whole, so multi-token characters work)."""
+    ids: list[int] = []
+    shown = ""
+    for step in steps:
+        ids.append(int(step[0]))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
