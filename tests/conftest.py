@@ -1,7 +1,17 @@
-"""Shared, session-scoped test data: the zoo models and their exports, built once per run."""
+"""Shared, session-scoped test data: the zoo models and their exports, built once per run.
+
+Tests that need torch (PEFT models, export) carry the ``torch`` marker, set here for every test of
+a file that imports torch/peft/transformers/exporters (or a helper that does) at the top, and for
+every test using a fixture that builds torch models. Where torch is not installed (the graph-only
+CI job: core dependencies + [test]), those files are not collected and ``-m "not torch"`` selects
+the graph tests, which run on committed fixtures and graphs built with onnx-ir.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,7 +21,40 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graph_builder  # noqa: E402
-import models  # noqa: E402
+
+#: top-level imports that make a test file need torch (our helpers import torch themselves)
+TORCH_MODULES = {"torch", "peft", "transformers", "exporters", "models", "package_helpers", "decoder_models"}
+#: fixtures that build or export torch models
+TORCH_FIXTURES = {"zoo", "graphs", "decoders"}
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@functools.cache
+def needs_torch(path: Path) -> bool:
+    """Whether the test file imports a torch module at its top level (ast, not importing it)."""
+    tree = ast.parse(Path(path).read_text(), str(path))
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(n.split(".")[0] in TORCH_MODULES for n in names):
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    if not HAVE_TORCH and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return needs_torch(collection_path) or None
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if needs_torch(Path(item.fspath)) or TORCH_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.torch)
 
 
 class Zoo:
@@ -22,6 +65,8 @@ class Zoo:
 
     def __getitem__(self, name: str):
         if name not in self._built:
+            import models
+
             self._built[name] = models.ZOO[name]()
         return self._built[name]
 
@@ -47,6 +92,8 @@ class Graphs:
     def __call__(self, source: str, name: str) -> Path:
         key = (source, name)
         if key not in self._paths:
+            import models
+
             path = self.folder / f"{source}_{name}.onnx"
             if source == "ours":
                 from exporters import export_peft

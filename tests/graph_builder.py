@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable
 
 import numpy as np
@@ -368,3 +369,19 @@ def drop_debug_metadata(model: ir.Model) -> ir.Model:
         for key in DEBUG_METADATA:
             node.metadata_props.pop(key, None)
     return model
+
+
+# -- golden files of fixtures/ (fixtures/make_fixtures.py writes them, tests/test_fixtures.py reads them)
+MAX_BYTES = 200 * 1024
+GOLDEN_FIELDS = ("module", "adapter", "kind", "rank", "in_features", "out_features", "scale")
+
+
+def golden(sites) -> list[dict]:
+    """The stable part of each site, sorted: what the golden files hold."""
+    rows = []
+    for site in sites:
+        row = {k: getattr(site, k) for k in GOLDEN_FIELDS}
+        if not isinstance(row["scale"], str):
+            row["scale"] = round(float(row["scale"]), 6)
+        rows.append(row)
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import graph_builder as gb
 from graph_tools import find_lora_sites
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -25,31 +26,36 @@ def _maker():
     return module
 
 
-MAKER = _maker()
-NAMES = sorted(MAKER.FIXTURES)
+# the fixture builders export torch models; without torch (graph-only CI) the committed files are read
+MAKER = _maker() if importlib.util.find_spec("torch") else None
+GOLDEN_NAMES = sorted(p.name.removesuffix(".sites.json") for p in FIXTURES.glob("*.sites.json"))
+NAMES = sorted(MAKER.FIXTURES) if MAKER else GOLDEN_NAMES
 
 
 @pytest.fixture(scope="session", autouse=True)
 def regenerate():
     if os.environ.get("LORA_ONNX_REGEN_FIXTURES") == "1":
+        assert MAKER is not None, "regenerating fixtures needs torch (the [export] extra)"
         MAKER.main([])
 
 
 def test_fixture_folder_matches_the_list():
     graphs = {p.name.removesuffix(".onnx") for p in FIXTURES.glob("*.onnx")}
     golden = {p.name.removesuffix(".sites.json") for p in FIXTURES.glob("*.sites.json")}
-    assert graphs == golden == set(NAMES)
+    assert graphs == golden == set(NAMES) == set(GOLDEN_NAMES)
+    assert len(NAMES) >= 20
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_detection_matches_golden(name):
     path = FIXTURES / f"{name}.onnx"
-    assert path.stat().st_size <= MAKER.MAX_BYTES
+    assert path.stat().st_size <= gb.MAX_BYTES
     want = json.loads((FIXTURES / f"{name}.sites.json").read_text())
-    got = json.loads(json.dumps(MAKER.golden(find_lora_sites(path))))
+    got = json.loads(json.dumps(gb.golden(find_lora_sites(path))))
     assert got == want
 
 
+@pytest.mark.torch
 def test_expected_counts():
     """Golden files hold what the fixtures are built to contain (guards a bad regeneration)."""
     import models
