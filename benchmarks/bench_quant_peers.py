@@ -296,7 +296,7 @@ def load_rows(python: str, work: Path, info: dict, held, calib, ref) -> list[tup
             graph = _bind(fpkg, run, work / "bound" / f"{key}.onnx")
             job = {"kind": "load", "model": str(graph), "encodings": str(qdir / "encodings" / f"{key}.encodings"),
                    "strict": strict, "config_file": config, "param_type": "int8", "activation_type": "int16"}
-            tag = f"load_{key}_{files_label[:3]}_{config_label[:5]}_{strict}".replace(" ", "").replace(".", "")
+            tag = f"load_{key}_{files_label.split()[0]}_{config_label.split()[0]}_{strict}"
             r = _aimet(python, job, work, tag)
             if "outputs" not in r:
                 err = (r.get("error") or "?").splitlines()[0]
