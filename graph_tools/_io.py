@@ -35,9 +35,16 @@ def load_model(model_or_path: ir.Model | onnx.ModelProto | str | os.PathLike) ->
         return model_or_path
     if type(model_or_path).__name__ == "ModelProto" and hasattr(model_or_path, "SerializeToString"):
         try:
-            return ir.from_proto(model_or_path)
+            model = ir.from_proto(model_or_path)
         except Exception as exc:  # noqa: BLE001 - a malformed proto is bad input
             raise ModelLoadError(f"<onnx.ModelProto>: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+        for value in _all_initializers(model):  # no folder to resolve them against
+            if isinstance(value.const_value, ir.ExternalTensor):
+                raise ModelLoadError(
+                    f"<onnx.ModelProto>: initializer {value.name!r} is external data the proto does not hold; "
+                    "pass the model's path, or load it with load_external_data=True"
+                )
+        return model
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ModelLoadError(f"expected an ONNX model (path, onnx.ModelProto or onnx_ir.Model), not {type(model_or_path).__name__}")
     path = Path(model_or_path)

@@ -371,3 +371,13 @@ def test_passes_refuse_sites_of_another_graph():
     with pytest.raises(AdapterError, match="belongs to another graph"):
         ReplaceLoraWithSlotsPass(groups)(other)
     assert len(find_lora_sites(other)) == 2  # untouched
+
+
+def test_model_proto_without_its_external_data_is_refused(tmp_path):
+    from graph_tools import ModelLoadError
+
+    ir.save(ir.load(FIXTURES / "ours_llama.onnx"), tmp_path / "m.onnx", external_data="m.onnx.data")
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    with pytest.raises(ModelLoadError, match="external data the proto does not hold"):
+        find_lora_sites(proto)
+    assert find_lora_sites(onnx.load(str(tmp_path / "m.onnx")))  # loaded with its data: fine
