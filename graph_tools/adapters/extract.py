@@ -28,6 +28,7 @@ from graph_tools.adapters.load import DATA_FILE, EXTERNAL_SLOT_FILE, MODEL_FILE,
 from graph_tools.errors import AdapterError, NoLoraError, PackageError
 from graph_tools.lora import find_lora_sites
 from graph_tools.passes.extract import ReplaceLoraWithSlotsPass
+from graph_tools.passes._base import run_passes
 from graph_tools.passes.pack import PackSlotsPass, plan_packs
 from graph_tools.passes.slots import SLOT_LAYOUT, plan_slots, read_adapter_weights
 
@@ -66,7 +67,6 @@ def extract_adapters(
     fixed = _fixed_ranks(groups, ranks, mode, pack, max_rank)
     if fixed is not None:
         groups = plan_slots(model, sites, fixed_ranks=fixed)
-    ReplaceLoraWithSlotsPass(groups, as_inputs=(mode == "inputs"))(model)
     slots = [
         mf.SlotSpec(name=n, shape=list(shape), dtype=g.dtype.numpy().name if g.dtype != ir.DataType.BFLOAT16 else "bfloat16",
                     site=g.module, role=role, layout=SLOT_LAYOUT)
@@ -74,8 +74,8 @@ def extract_adapters(
         for n, shape, role in ((g.a_name, g.a_shape, "lora_A"), (g.b_name, g.b_shape, "lora_B"), (g.scale_name, g.scale_shape, "lora_scale"))
     ]
     packs = plan_packs(slots) if pack else []
-    if packs:
-        PackSlotsPass(packs)(model)
+    passes = [ReplaceLoraWithSlotsPass(groups, as_inputs=(mode == "inputs"))] + ([PackSlotsPass(packs)] if packs else [])
+    run_passes(model, *passes)
     adapters = []
     ext = files.ADAPTER_SUFFIX[format]
     with atomic_output(out_dir) as tmp:
