@@ -156,6 +156,11 @@ def test_round_trip_each_kind(tmp_path, version, case):
     assert back.tensors == {enc.name: expected}
 
 
+def _saved(model: ir.Model, path):
+    ir.save(model, path)
+    return path
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_round_trip_whole_file(tmp_path, version):
     quantizer_args = {"activation_bitwidth": 16, "param_bitwidth": 8, "dtype": "int", "is_symmetric": True,
@@ -170,6 +175,8 @@ def test_round_trip_whole_file(tmp_path, version):
     for name in sorted(set(encodings.activation_encodings) - {v.name for v in model.graph.inputs}):
         model.graph.inputs.append(ir.Value(name=name))  # activations must be values of the graph too
     back = read_encodings(path, model=model)
+    for form in (ir.to_proto(model), _saved(model, tmp_path / "m.onnx")):  # every model form reads the same
+        assert read_encodings(path, model=form) == back
     if version == "1.0.0":
         assert back.param_encodings == {k: _as_read_from_1_0_0(v) for k, v in encodings.param_encodings.items()}
         assert back.activation_encodings == encodings.activation_encodings

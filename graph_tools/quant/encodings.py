@@ -65,15 +65,18 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import jsonschema
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools._io import atomic_file
+from graph_tools._io import atomic_file, load_model
 from graph_tools.errors import EncodingsError
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = [
     "VERSIONS",
@@ -382,10 +385,13 @@ def write_encodings(path: str | os.PathLike, encodings: Encodings, version: str 
     return path
 
 
-def read_encodings(path: str | os.PathLike, *, model: ir.Model | None = None) -> Encodings:
+def read_encodings(path: str | os.PathLike, *, model: ir.Model | onnx.ModelProto | str | os.PathLike | None = None) -> Encodings:
     """Read and validate an encodings file of either version (see :func:`encodings_from_dict`);
-    with ``model``, every encoded tensor must also be a value of that graph."""
+    with ``model`` (an ``ir.Model``, ``onnx.ModelProto`` or path), every encoded tensor must also
+    be a value of that graph."""
     path = Path(path)
+    if model is not None:
+        model = load_model(model)
     if not path.is_file():
         raise EncodingsError(f"{path}: no such file")
     try:
