@@ -49,6 +49,8 @@ SCHEMES = {
     "W8A8 scope=auto": dict(activations="uint8", lora_weights="int8", activation_scope="auto"),
     "W8A8 mixed=layernorm": dict(activations="uint8", lora_weights="int8", activation_scope="auto", mixed_precision="layernorm"),
     "W8A8 mixed=auto": dict(activations="uint8", lora_weights="int8", activation_scope="auto", mixed_precision="auto"),
+    "W8A8 mixed=auto mixed_error=0.05": dict(activations="uint8", lora_weights="int8", mixed_precision="auto", mixed_error=0.05),
+    "W8A8 mixed=layernorm scope=all": dict(activations="uint8", lora_weights="int8", activation_scope="all", mixed_precision="layernorm"),
 }
 
 

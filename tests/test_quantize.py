@@ -98,7 +98,7 @@ def test_encodings_files(w8a16):
 def test_lora_scope_freezes_base_activations(float_package, tmp_path):
     calib = _batches(2, seed=3)
     qpkg = quantize(float_package.path, tmp_path / "q", calib, activations="uint8", lora_weights="int8",
-                    encodings_version="2.0.0")
+                    encodings_version="2.0.0", activation_scope="lora")
     quant = qpkg.manifest.extra["quantization"]
     dependent = set(quant["adapter_dependent_activations"])
     assert dependent and all("lora" in n or "add" in n or "val" in n for n in dependent) or dependent
