@@ -209,3 +209,18 @@ def test_undeclared_concurrency_and_bad_declarations(fpkg, w8a8, tmp_path):
         with pytest.raises(QuantizationError, match=message):
             quantize(fpkg.path, tmp_path / "out", CALIB[:1], concurrencies=bad)
         assert not (tmp_path / "out").exists()
+
+
+def test_cli_quantize_reports_decisions(fpkg, tmp_path, capsys):
+    from graph_tools.cli import main
+
+    rows = {k: np.concatenate([b[k] for b in CALIB[:2]]) for k in CALIB[0]}
+    np.savez(tmp_path / "calib.npz", **rows)
+    code = main(["quantize", str(fpkg.path), "-o", str(tmp_path / "q"), "--calibration", str(tmp_path / "calib.npz"),
+                 "--activations", "uint8", "--lora-weights", "int8", "--mixed-precision", "layernorm",
+                 "--concurrency", "default+second"])
+    out = capsys.readouterr().out
+    info = AdapterSession(tmp_path / "q").manifest.extra["quantization"]
+    assert code == 0 and info["activation_summary"] in out and "per adapter" in out
+    assert f"{len(info['activations_16bit'])} at 16 bits" in out and "concurrency default+second" in out
+    assert AdapterSession(tmp_path / "q").concurrencies == [("default", "second")]
