@@ -36,8 +36,8 @@ _SUBJECTS = ["the new phone", "this old film", "the hotel room", "our local team
              "the market", "his old car", "the winter storm", "the quiet library"]
 _CALIB_TAIL = ["was better than expected", "felt slow and boring", "made everyone smile", "needs more salt"]
 _HELD_TAIL = ["left us disappointed", "was a pleasant surprise", "scored in the last minute", "smelled of fresh bread"]
-#: 64 distinct sentences: 32 for calibration, 32 held out (different endings)
-CALIBRATION = [f"{s} {t}" for s in _SUBJECTS[:8] for t in _CALIB_TAIL] + [f"{s} {t}" for s in _SUBJECTS[8:] for t in _CALIB_TAIL]
+#: 64 distinct sentences: 32 for calibration, 32 held out (other endings, half of them other subjects)
+CALIBRATION = [f"{s} {t}" for s in _SUBJECTS[:8] for t in _CALIB_TAIL]
 HELD_OUT = [f"{s} {t}" for s in _SUBJECTS for t in _HELD_TAIL[:2]]
 
 #: scheme label -> quantize() keyword arguments
