@@ -43,7 +43,8 @@ import numpy as np
 import onnx_ir as ir
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE / "_work"
+#: generated models go here; LORA_ONNX_BENCH_DIR moves them outside the repository (~2.2 GB for 1b)
+WORK = Path(os.environ.get("LORA_ONNX_BENCH_DIR") or HERE / "_work")
 PREFIX = "base_model.model."
 DATA_NAME = "model.onnx.data"
 ALIGN = 4096

@@ -15,6 +15,7 @@ __all__ = [
     "ExportError",
     "AdapterError",
     "PackageError",
+    "SharedBaseChangedError",
     "QuantizationError",
     "EncodingsError",
     "GenerationError",
@@ -52,6 +53,11 @@ class AdapterError(LoraOnnxError):
 
 class PackageError(LoraOnnxError):
     """An adapter package folder is missing parts or does not match its manifest."""
+
+
+class SharedBaseChangedError(PackageError):
+    """A shared-base package's base weights file (outside the package's own bytes) is missing or
+    changed since the package was made."""
 
 
 class QuantizationError(LoraOnnxError):

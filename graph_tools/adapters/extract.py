@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import onnx
 
 from graph_tools._io import atomic_output, working_copy
-from graph_tools.adapters import files, manifest as mf
+from graph_tools.adapters import files, manifest as mf, shared
 from graph_tools.adapters.compose import pack_tensors, slot_tensors
 from graph_tools.adapters.load import DATA_FILE, EXTERNAL_SLOT_FILE, MODEL_FILE, MODES, AdapterPackage
 from graph_tools.errors import AdapterError, NoLoraError, PackageError
@@ -45,9 +45,14 @@ def extract_adapters(
     format: str = "onnx_adapter",
     pack: bool = False,
     max_rank: int | None = None,
+    share_base: bool | None = None,
 ) -> AdapterPackage:
     """Extract every adapter of a LoRA ONNX model (a path, an ``ir.Model`` or an
-    ``onnx.ModelProto``; never changed) into an adapter package (see module doc)."""
+    ``onnx.ModelProto``; never changed) into an adapter package (see module doc).
+
+    ``share_base``: the package graph references the source's external-data file in place
+    instead of a copy (:mod:`graph_tools.adapters.shared`); needs ``out_dir`` to be the folder
+    holding the source. ``None`` (default): share exactly then, else copy."""
     if mode not in MODES:
         raise PackageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if format not in files.ADAPTER_SUFFIX:
@@ -58,6 +63,8 @@ def extract_adapters(
         raise PackageError(f"max_rank must be a positive integer, not {max_rank!r}")
     model = working_copy(model_path)
     source = str(model_path) if isinstance(model_path, (str, os.PathLike)) else f"<{type(model_path).__name__}>"
+    base_files = shared.external_files(model)
+    share = _share_base(share_base, model_path, out_dir, base_files)
     sites = find_lora_sites(model)
     if not sites:
         raise NoLoraError(f"{source}: no LoRA sites found; nothing to extract")
@@ -78,8 +85,24 @@ def extract_adapters(
     run_passes(model, *passes)
     adapters = []
     ext = files.ADAPTER_SUFFIX[format]
-    with atomic_output(out_dir) as tmp:
-        _save_model(model, tmp, slots if mode == "external" else None)
+    out = Path(out_dir).resolve()
+    if share:
+        graph_path = Path(model_path).resolve()
+        staging = shared.shared_folder(out, [MODEL_FILE, "adapters", mf.MANIFEST_NAME],
+                                       source_graph=graph_path / MODEL_FILE if graph_path.is_dir() else graph_path)
+    else:
+        staging = atomic_output(out_dir)
+    with staging as tmp:
+        data = None if share else DATA_FILE
+        kept = shared.external_files(model)  # what the package graph still references
+        if not share and kept:  # copy those byte ranges only, keep the locations
+            src = _source_dir(model_path, kept)
+            if src is not None:
+                for path, tensors in kept.items():
+                    copied = shared.copy_ranges(path, tmp / path.relative_to(src), tensors)
+                    logger.info("copied %d bytes of %s", copied, path.name)
+                data = None
+        _save_model(model, tmp, slots if mode == "external" else None, data=data)
         (tmp / "adapters").mkdir()
         for name, mods in sorted(weights.items()):
             tensors = slot_tensors(slots, mods)
@@ -100,10 +123,10 @@ def extract_adapters(
             slot_layout=SLOT_LAYOUT,
             slots=slots,
             adapters=adapters,
-            extra={"packs": packs, "external_slot_file": EXTERNAL_SLOT_FILE if mode == "external" else None},
+            extra={"packs": packs, "external_slot_file": EXTERNAL_SLOT_FILE if mode == "external" else None,
+                   **({"shared_base": [shared.file_record(out, p) for p in sorted(kept or base_files)]} if share else {})},
         )
         mf.write_manifest(tmp / mf.MANIFEST_NAME, manifest)
-    out = Path(out_dir).resolve()
     logger.info("extracted %d adapters over %d modules into %s", len(adapters), len(groups), out)
     return AdapterPackage(out, manifest)
 
@@ -125,15 +148,48 @@ def _fixed_ranks(groups, ranks, mode, pack, max_rank) -> dict[str, int] | None:
     return None
 
 
-def _save_model(model: ir.Model, folder: Path, external_slots) -> None:
-    """Save graph + base weights; in external mode the slots then point to a file not shipped."""
+def _share_base(share_base, model_path, out_dir, base_files) -> bool:
+    """Share when asked, or by default when ``out_dir`` is the folder of the source's data."""
+    if share_base not in (None, True, False):
+        raise PackageError(f"share_base must be True, False or None, not {share_base!r}")
+    out = Path(out_dir).resolve()
+    src = _source_dir(model_path, base_files) if base_files else None
+    if share_base is False:
+        if isinstance(model_path, (str, os.PathLike)) and out in (Path(model_path).resolve(), Path(model_path).resolve().parent):
+            raise PackageError(f"{out}: out_dir holds the source model; share_base=False would overwrite it")
+        return False
+    if src != out:
+        if share_base:
+            why = "the source keeps no base weights in external-data files" if src is None else f"it must be {src}"
+            raise PackageError(f"share_base=True: out_dir {out} is not the folder of the source's external data ({why})")
+        return False
+    for name in (MODEL_FILE, "adapters"):
+        target = out / name
+        source_graph = Path(model_path).resolve()
+        if target.exists() and target != source_graph and not (out / mf.MANIFEST_NAME).is_file():
+            raise PackageError(f"{target}: exists and is not part of a package; refusing to replace it")
+    return True
+
+
+def _source_dir(model_path, base_files) -> Path | None:
+    """The source model's folder when every external-data file it uses lies inside it."""
+    if not isinstance(model_path, (str, os.PathLike)) or not base_files:
+        return None
+    path = Path(model_path).resolve()
+    folder = path if path.is_dir() else path.parent
+    return folder if all(f.is_relative_to(folder) and f.is_file() for f in base_files) else None
+
+
+def _save_model(model: ir.Model, folder: Path, external_slots, *, data: str | None = DATA_FILE) -> None:
+    """Save graph + base weights (into ``data``; ``None``: external tensors keep their files); in
+    external mode the slots then point to a file not shipped."""
     if external_slots is None:
-        ir.save(model, folder / MODEL_FILE, external_data=DATA_FILE)
+        ir.save(model, folder / MODEL_FILE, external_data=data)
         return
     for slot in external_slots:  # placeholders so no slot bytes land in the base data file
         value = model.graph.initializers[slot.name]
         value.const_value = ir.tensor(np.zeros([0], value.const_value.dtype.numpy()), dtype=value.const_value.dtype, name=slot.name)
-    ir.save(model, folder / MODEL_FILE, external_data=DATA_FILE)
+    ir.save(model, folder / MODEL_FILE, external_data=data)
     saved = ir.load(folder / MODEL_FILE)
     offset = 0
     for slot in external_slots:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_tools._io import check_external_data
-from graph_tools.adapters import manifest as mf
+from graph_tools.adapters import manifest as mf, shared
 from graph_tools.errors import AdapterError, ModelLoadError, PackageError
 
 __all__ = [
@@ -77,7 +77,11 @@ def load_package(package_dir: str | os.PathLike) -> AdapterPackage:
         raise PackageError(f"{path}: not a package folder")
     if not (path / MODEL_FILE).is_file():
         raise PackageError(f"{path}: no {MODEL_FILE}; not an adapter package")
-    return AdapterPackage(path, mf.read_manifest(path / mf.MANIFEST_NAME))
+    package = AdapterPackage(path, mf.read_manifest(path / mf.MANIFEST_NAME))
+    records = (package.manifest.extra or {}).get("shared_base")
+    if records:
+        shared.check_shared(path, records)
+    return package
 
 
 def package_of(model_path: str | os.PathLike) -> AdapterPackage | None:
