@@ -63,7 +63,8 @@ def worker_extract(job: dict) -> dict:
 
     base = _peak_rss()
     t0 = time.perf_counter()
-    package = extract_adapters(job["model"], job["out"], mode=job["mode"], pack=job["pack"], format=job["format"])
+    package = extract_adapters(job["model"], job["out"], mode=job["mode"], pack=job["pack"], format=job["format"],
+                               share_base=job.get("share_base"))
     wall = time.perf_counter() - t0
     return {"wall": wall, "rss": _peak_rss(), "rss_import": base, "adapters": package.adapters}
 

@@ -3,6 +3,8 @@ with its own choice (fp32 <= 1e-5) and PEFT's output for that row (<= 1e-4)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -73,3 +75,21 @@ def test_mixed_bad_input(zoo, graphs, tmp_path_factory):
         session.run(None, case.feeds, adapter=[])
     with pytest.raises(LoraOnnxError, match="adapter slot"):
         session.run(None, {**case.feeds, "lora_rows.x.A": np.zeros(1, np.float32)}, adapter=["default", None, "second"])
+
+
+def test_plain_onnxruntime_mixed_form(zoo, graphs, tmp_path_factory, tmp_path):
+    """README: ``write_mixed_model`` + ``mixed_feeds_for`` served by plain onnxruntime."""
+    from graph_tools.runtime.mixed import mixed_feeds_for, write_mixed_model
+
+    case = H.get_case("bert", zoo, graphs, tmp_path_factory)
+    package = H.copy_package(H.get_package(case, "inputs"), tmp_path / "pkg")
+    rows = ["second", {"default": 0.5, "second": 1.5}, None]
+    path = write_mixed_model(package)
+    assert path == package / "model.mixed.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {**case.feeds, **mixed_feeds_for(package, rows)})
+    want = AdapterSession(package).run(None, case.feeds, adapter=rows)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=ROW_TOL)
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["extra"]["mixed_batches"]["row_axis"] == 0

@@ -29,6 +29,7 @@ from graph_tools.errors import AdapterError, NoLoraError, PackageError
 from graph_tools.lora import find_lora_sites
 from graph_tools.passes.extract import ReplaceLoraWithSlotsPass
 from graph_tools.passes._base import run_passes
+from graph_tools.passes.mixed import DESIGN as MIXED_DESIGN
 from graph_tools.passes.pack import PackSlotsPass, plan_packs
 from graph_tools.passes.slots import SLOT_LAYOUT, plan_slots, read_adapter_weights
 
@@ -124,6 +125,7 @@ def extract_adapters(
             slots=slots,
             adapters=adapters,
             extra={"packs": packs, "external_slot_file": EXTERNAL_SLOT_FILE if mode == "external" else None,
+                   "mixed_batches": MIXED_DESIGN,
                    **({"shared_base": [shared.file_record(out, p) for p in sorted(kept or base_files)]} if share else {})},
         )
         mf.write_manifest(tmp / mf.MANIFEST_NAME, manifest)

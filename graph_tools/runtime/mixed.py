@@ -14,14 +14,16 @@ Feed values for a batch composition are computed once and cached (decode steps r
     rows.B[b] = concat_k(B_k)^T                         [r_b, out]
     conv:  A, B = every distinct choice concatenated along rank; mask[b] = its scales on its block
 
-Plain onnxruntime: ``mixed_feeds(package, weights, choices)`` gives the same ``lora_rows.*`` values
-to feed ``model.mixed.onnx`` with the model inputs.
+Plain onnxruntime: :func:`write_mixed_model` saves the mixed form as the package's
+``model.mixed.onnx`` (it reads the package's data file, nothing is copied) and
+:func:`mixed_feeds_for` gives the ``lora_rows.*`` values to feed with the model inputs.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -33,7 +35,7 @@ from graph_tools.adapters.load import AdapterPackage, load_package_model
 from graph_tools.errors import AdapterError, PackageError
 from graph_tools.passes.mixed import MakeMixedBatchPass, MixedSite, mixed_sites
 
-__all__ = ["MixedBatches", "mixed_model", "mixed_feeds", "MIXED_FILE"]
+__all__ = ["MixedBatches", "mixed_model", "mixed_feeds", "mixed_feeds_for", "write_mixed_model", "MIXED_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,41 @@ def mixed_model(package: AdapterPackage) -> ir.Model:
     model = load_package_model(package)
     MakeMixedBatchPass(mixed_sites(package.manifest.slots))(model)
     return model
+
+
+def write_mixed_model(package_dir) -> Path:
+    """Save the mixed form beside the package graph: ``<package>/model.mixed.onnx``, whose base
+    weights stay references to the package's own data file."""
+    from graph_tools._io import atomic_file
+    from graph_tools.adapters.package import load_package
+
+    package = load_package(package_dir)
+    model = mixed_model(package)
+    target = package.path / MIXED_FILE
+    with atomic_file(target) as tmp:
+        ir.save(model, tmp)  # external tensors keep their locations (same folder)
+    return target
+
+
+def mixed_feeds_for(package_dir, choices: Sequence) -> dict[str, np.ndarray]:
+    """``lora_rows.*`` arrays for ``choices`` (one per row: None, an adapter name of the package,
+    or ``{name: weight}``), for plain onnxruntime serving of ``model.mixed.onnx``."""
+    from graph_tools.adapters.compose import read_slot_weights
+    from graph_tools.adapters.package import load_package
+
+    package = load_package(package_dir)
+    loaded: dict[str, dict] = {}
+
+    def weights(name):
+        if name not in loaded:
+            loaded[name] = read_slot_weights(package.manifest.slots, package.packs, package.adapter_path(name))
+        return loaded[name]
+
+    rows = []
+    for choice in choices:
+        chosen = {} if choice is None else {choice: 1.0} if isinstance(choice, str) else dict(choice)
+        rows.append([(weights(a), float(w)) for a, w in sorted(chosen.items())])
+    return mixed_feeds(mixed_sites(package.manifest.slots), rows)
 
 
 def mixed_feeds(sites: list[MixedSite], rows: Sequence[RowChoice]) -> dict[str, np.ndarray]:
@@ -114,14 +151,9 @@ class MixedBatches:
         self.sites = mixed_sites(package.manifest.slots)
         self._feeds: collections.OrderedDict[tuple, dict[str, ort.OrtValue]] = collections.OrderedDict()
         options = owner._session_options()
-        record = (package.manifest.extra or {}).get("mixed") or {}
-        path = package.path / record["file"] if record.get("file") else None
-        if path is not None and path.is_file():
-            source = str(path)
-        else:
-            proto = ir.serde.serialize_model(mixed_model(package))
-            source = proto.SerializeToString()
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(package.path))
+        # derived from the verified package graph every time (a model.mixed.onnx could be stale)
+        source = ir.serde.serialize_model(mixed_model(package)).SerializeToString()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(package.path))
         try:
             self.session = ort.InferenceSession(source, options, providers=owner._providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises several pybind error types

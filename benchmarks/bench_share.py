@@ -1,0 +1,140 @@
+"""Shared-base packages vs copies vs ``cp`` vs Olive ``ExtractAdapters``, whole process.
+
+    LORA_ONNX_BENCH_DIR=/data/bench python benchmarks/bench_share.py --size 1b --olive-python <venv>/bin/python
+
+Every case runs in a fresh process (``bench_extract.py --worker``); "whole process" is the wall
+time from process start to exit (interpreter, imports, the call) and peak RSS its ``ru_maxrss``.
+Rounds interleave the cases; medians of ``--repeat`` rounds. The data file is in the page cache
+(read once first); ``sync`` before every case so no writeback of an earlier case competes.
+
+* ``cp``: ``cp model.onnx model.onnx.data <dir>/`` (what "copy the base" costs at least)
+* ``extract_adapters`` copy (inputs mode, out_dir elsewhere): base byte ranges copied by the kernel
+* ``extract_adapters`` shared (out_dir = the export's folder): nothing of the base written; each
+  round starts from the same folder with the package parts removed (onnx-ir refuses hard-linked
+  data files, so the folder holds its own copy of the export, made once)
+* Olive ``ExtractAdapters`` with its defaults (make_inputs=True), if ``--olive-python`` imports it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_extract as B  # noqa: E402
+import make_synthetic  # noqa: E402
+
+GOAL_SHARED_S = 1.5
+GOAL_SHARED_RSS = 400 * B.MiB
+GOAL_COPY_VS_CP = 1.3
+
+
+def _cp(model: Path, dst: Path) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(model), str(model.parent / make_synthetic.DATA_NAME), str(dst)], check=True)
+    wall = time.perf_counter() - t0
+    return {"process_wall": wall, "wall": wall, "rss": 0}
+
+
+def _shared(model: Path, folder: Path) -> dict:
+    """Extract beside the export in ``folder`` (made once as a copy of the export; restored
+    between rounds: the data file is never written, the package parts are removed)."""
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        shutil.copy(model, folder / "model.onnx")
+        shutil.copy(model.parent / make_synthetic.DATA_NAME, folder / make_synthetic.DATA_NAME)
+        B.warm_cache(folder / make_synthetic.DATA_NAME)
+    if (folder / "source.onnx").is_file():
+        os.replace(folder / "source.onnx", folder / "model.onnx")
+    shutil.rmtree(folder / "adapters", ignore_errors=True)
+    (folder / "manifest.json").unlink(missing_ok=True)
+    os.sync()
+    job = {"kind": "extract", "model": str(folder / "model.onnx"), "out": str(folder), "mode": "inputs", "pack": False,
+           "format": "onnx_adapter", "share_base": True}
+    return B.spawn(job)
+
+
+def _copy(model: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    job = {"kind": "extract", "model": str(model), "out": str(out), "mode": "inputs", "pack": False,
+           "format": "onnx_adapter", "share_base": False}
+    return B.spawn(job)
+
+
+def _olive(model: Path, out: Path, python: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    return B.spawn({"kind": "olive", "model": str(model), "out": str(out), "config": {}}, python=python)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(make_synthetic.SIZES), default="tiny")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--olive-python", default=None)
+    parser.add_argument("--olive-repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    root = make_synthetic.generate(args.size)
+    info = json.loads((root / "info.json").read_text())
+    model = root / "model" / "model.onnx"
+    work = root / "share_bench"
+    B.warm_cache(model.parent / make_synthetic.DATA_NAME)
+    olive = B.olive_version(args.olive_python) if args.olive_python else None
+    cases = {"cp": lambda: _cp(model, work / "cp"), "copy": lambda: _copy(model, work / "copy"),
+             "shared": lambda: _shared(model, work / "shared")}
+    results: dict[str, list[dict]] = {k: [] for k in cases}
+    results["olive"] = []
+    for i in range(max(args.repeat, args.olive_repeat if olive else 0)):
+        todo = [k for k in cases if i < args.repeat] + (["olive"] if olive and i < args.olive_repeat else [])
+        for key in todo:
+            r = cases[key]() if key != "olive" else _olive(model, work / "olive", args.olive_python)
+            results[key].append(r)
+            print(f"  {key} [{i + 1}]: process {r['process_wall']:.2f} s, rss {B.fmt_mem(r['rss'])}", file=sys.stderr, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(r["process_wall"] for r in v) for k, v in results.items() if v}
+    rss = {k: max(r["rss"] for r in v) for k, v in results.items() if v}
+    call = {k: statistics.median(r["wall"] for r in v) for k, v in results.items() if v}
+    m = B.machine()
+    lines = [
+        f"Synthetic `{args.size}` graph: {B._count(info['base_params'])} base parameters {info['dtype']}, "
+        f"{info['data_bytes'] / B.GiB:.2f} GiB data, {info['lora_tensors']} LoRA tensors. Whole process, median of "
+        f"{args.repeat} interleaved rounds (Olive {args.olive_repeat}), page cache warm, `sync` before each case.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; onnxruntime {m.get('onnxruntime')}, "
+        f"onnx-ir {m.get('onnx_ir')}; {m['date']}.", "",
+        "| case | whole process (call) | peak RSS | vs cp | vs Olive | goal |", "|---|---|---|---|---|---|",
+    ]
+    labels = {"cp": "`cp model.onnx model.onnx.data`", "copy": "`extract_adapters` copy (share_base=False)",
+              "shared": "`extract_adapters` shared base (package beside the export)",
+              "olive": f"Olive {olive} `ExtractAdapters` (defaults)"}
+    for key in ("cp", "copy", "shared", "olive"):
+        if key not in med:
+            continue
+        goal = ""
+        if key == "shared":
+            ok = med[key] <= GOAL_SHARED_S and rss[key] < GOAL_SHARED_RSS
+            goal = f"{'✅' if ok else '❌'} <= 1.5 s, < 400 MiB"
+        if key == "copy":
+            goal = f"{'✅' if med[key] <= GOAL_COPY_VS_CP * med['cp'] else '❌'} <= 1.3x cp"
+        vs_olive = f"{med['olive'] / med[key]:.1f}x faster" if "olive" in med and key != "olive" else ""
+        mem = B.fmt_mem(rss[key]) if rss[key] else ""
+        lines.append(f"| {labels[key]} | {B.fmt_s(med[key])} ({B.fmt_s(call[key])}) | {mem} | "
+                     f"{med[key] / med['cp']:.2f}x | {vs_olive} | {goal} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
