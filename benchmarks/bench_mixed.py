@@ -49,8 +49,8 @@ def build(folder: Path) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from exporters import export_peft
-    from graph_tools.adapters.package import extract_adapters
-    from graph_tools.passes.merge import merge_adapter
+    from graph_tools.adapters.extract import extract_adapters
+    from graph_tools.adapters.merge import merge_adapter
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,

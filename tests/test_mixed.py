@@ -93,3 +93,41 @@ def test_plain_onnxruntime_mixed_form(zoo, graphs, tmp_path_factory, tmp_path):
         np.testing.assert_allclose(g, w, rtol=0, atol=ROW_TOL)
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["extra"]["mixed_batches"]["row_axis"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_decode_with_kv_cache(family, decoders, tmp_path):
+    """A KV-cache decoder package: prefill and a decode step fed the presents, mixed rows = alone."""
+    import onnx_ir as ir
+
+    from graph_tools.adapters.extract import extract_adapters
+    from graph_tools.runtime.decoder import read_decoder_info
+
+    _, path = decoders(family)
+    info = read_decoder_info(ir.load(path))
+    session = AdapterSession(extract_adapters(path, tmp_path / "pkg").path)
+    outputs = [o.name for o in session.get_outputs()]
+    rows = ["second", None, "default"]
+    ids = np.array([[5, 6, 7, 8], [9, 3, 2, 1], [4, 4, 8, 2]], np.int64)
+
+    def feeds(tokens, past, start):
+        f = {"input_ids": tokens, "attention_mask": np.ones((tokens.shape[0], start + tokens.shape[1]), np.int64)}
+        if "position_ids" in {i.name for i in session.get_inputs()}:
+            f["position_ids"] = np.broadcast_to(np.arange(start, start + tokens.shape[1]), tokens.shape).astype(np.int64)
+        for i in range(info.num_hidden_layers):
+            for j, kv in enumerate(("key", "value")):
+                f[f"past_key_values.{i}.{kv}"] = past[2 * i + j]
+        return f
+
+    empty = [np.zeros((3, info.num_key_value_heads, 0, info.head_dim), np.float32)] * (2 * info.num_hidden_layers)
+    first = dict(zip(outputs, session.run(None, feeds(ids, empty, 0), adapter=rows)))
+    past = [first[f"present.{i}.{kv}"] for i in range(info.num_hidden_layers) for kv in ("key", "value")]
+    nxt = first["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+    second = session.run(None, feeds(nxt, past, 4), adapter=rows)
+    for i, choice in enumerate(rows):
+        alone_first = dict(zip(outputs, session.run(None, _row(feeds(ids, empty, 0), i), adapter=choice)))
+        alone_past = [alone_first[f"present.{k}.{kv}"] for k in range(info.num_hidden_layers) for kv in ("key", "value")]
+        np.testing.assert_allclose(first["logits"][i: i + 1], alone_first["logits"], rtol=0, atol=ROW_TOL)
+        alone = session.run(None, feeds(nxt[i: i + 1], alone_past, 4), adapter=choice)
+        for got, want in zip(second, alone):
+            np.testing.assert_allclose(got[i: i + 1], want, rtol=0, atol=ROW_TOL)

@@ -117,7 +117,8 @@ def extract_adapters(
             ))
         manifest = mf.Manifest(
             format_version=mf.FORMAT_VERSION,
-            graph_fingerprint=mf.graph_fingerprint(ir.load(tmp / MODEL_FILE)),  # as saved
+            # the fingerprint survives save/load; external mode re-saved the slots: read back
+            graph_fingerprint=mf.graph_fingerprint(model if mode == "inputs" else ir.load(tmp / MODEL_FILE)),
             mode=mode,
             pack=bool(packs),
             max_rank=max_rank,

@@ -57,7 +57,7 @@ def write_mixed_model(package_dir) -> Path:
     """Save the mixed form beside the package graph: ``<package>/model.mixed.onnx``, whose base
     weights stay references to the package's own data file."""
     from graph_tools._io import atomic_file
-    from graph_tools.adapters.package import load_package
+    from graph_tools.adapters.load import load_package
 
     package = load_package(package_dir)
     model = mixed_model(package)
@@ -71,7 +71,7 @@ def mixed_feeds_for(package_dir, choices: Sequence) -> dict[str, np.ndarray]:
     """``lora_rows.*`` arrays for ``choices`` (one per row: None, an adapter name of the package,
     or ``{name: weight}``), for plain onnxruntime serving of ``model.mixed.onnx``."""
     from graph_tools.adapters.compose import read_slot_weights
-    from graph_tools.adapters.package import load_package
+    from graph_tools.adapters.load import load_package
 
     package = load_package(package_dir)
     loaded: dict[str, dict] = {}
