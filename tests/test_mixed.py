@@ -131,3 +131,21 @@ def test_mixed_decode_with_kv_cache(family, decoders, tmp_path):
         alone = session.run(None, feeds(nxt[i: i + 1], alone_past, 4), adapter=choice)
         for got, want in zip(second, alone):
             np.testing.assert_allclose(got[i: i + 1], want, rtol=0, atol=ROW_TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_generate_rows_equal_rows_alone(family, decoder_packages):
+    """``generate(adapter=[...])``: one generation for every row, each row's ids = that row alone."""
+    session = AdapterSession(decoder_packages(family, "inputs"))
+    ids = np.array([[5, 6, 7, 8, 9], [0, 0, 3, 2, 1], [4, 4, 8, 2, 7]], np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)
+    rows = ["second", None, {"default": 0.5, "second": 1.5}]
+    mixed = session.generate(ids, attention_mask=mask, adapter=rows, max_new_tokens=6)
+    assert session._mixed is not None
+    for i, choice in enumerate(rows):
+        alone = session.generate(ids[i: i + 1], attention_mask=mask[i: i + 1], adapter=choice, max_new_tokens=6)
+        # a row alone stops at its eos; in the batch it is padded after it until every row stops
+        np.testing.assert_array_equal(mixed[i: i + 1, : alone.shape[1]], alone, err_msg=f"row {i} {choice!r}")
+        assert alone.shape[1] == mixed.shape[1] or len(set(mixed[i, alone.shape[1]:].tolist())) == 1
+    with pytest.raises(AdapterError, match="2 row choices"):
+        session.generate(ids, attention_mask=mask, adapter=["second", None], max_new_tokens=2)

@@ -79,8 +79,10 @@ def generate_stream(owner: "AdapterSession", input_ids, *, attention_mask=None, 
     ``max_new_tokens`` is reached. Arguments are checked before the first step runs."""
     config.check()
     ids, mask = _prompt(input_ids, attention_mask)
-    key = owner._key(adapter)
-    session, slot_values = owner._generation_session(key)
+    if isinstance(adapter, (list, tuple)):  # one choice per row: the mixed form (graph_tools.runtime.mixed)
+        session, slot_values = owner._mixed_generation_session(adapter, ids.shape[0])
+    else:
+        session, slot_values = owner._generation_session(owner._key(adapter))
     info = decoder_info_of(session, owner.package.path)
     total = ids.shape[1] + config.max_new_tokens
     if info.context_length and ids.shape[1] > info.context_length:

@@ -198,22 +198,39 @@ class AdapterSession:
         return self._ort_run(session, output_names, full, run_options)
 
     def _run_mixed(self, output_names, feeds, choices: Sequence[AdapterChoice], run_options):
-        from graph_tools.runtime.mixed import MixedBatches, check_rows
+        from graph_tools.runtime.mixed import check_rows
 
+        self._check_feeds(feeds)
+        keys = self._row_keys(choices)
+        if len(set(keys)) == 1:  # every row the same: the package graph, one adapter
+            return self.run(output_names, feeds, choices[0], run_options)
+        check_rows(feeds, len(keys))
+        session, values = self._mixed_session(keys)
+        return self._ort_run(session, output_names, {**feeds, **values}, run_options)
+
+    def _row_keys(self, choices: Sequence[AdapterChoice]) -> tuple:
         keys = tuple(self._key(c) for c in choices)
         if not keys:
             raise AdapterError("adapter=[] lists no row choices; give one per batch row")
-        if len(set(keys)) == 1:  # every row the same: the package graph, one adapter
-            return self.run(output_names, feeds, choices[0], run_options)
-        self._check_feeds(feeds)
-        check_rows(feeds, len(keys))
-        if self._mixed is None:
-            with self._lock:
-                if self._mixed is None:
-                    self._mixed = MixedBatches(self)
+        return keys
+
+    def _mixed_session(self, keys: tuple) -> tuple[ort.InferenceSession, dict[str, ort.OrtValue]]:
+        """The mixed-form session and the row values for ``keys`` (one per row; prepared once)."""
+        from graph_tools.runtime.mixed import MixedBatches
+
         with self._lock:
-            values = self._mixed.feed_for(keys)
-        return self._ort_run(self._mixed.session, output_names, {**feeds, **values}, run_options)
+            if self._mixed is None:
+                self._mixed = MixedBatches(self)
+            return self._mixed.session, self._mixed.feed_for(keys)
+
+    def _mixed_generation_session(self, choices: Sequence[AdapterChoice], rows: int):
+        """:meth:`_generation_session` for one choice per row (``generate(adapter=[...])``)."""
+        keys = self._row_keys(choices)
+        if len(set(keys)) == 1:
+            return self._generation_session(keys[0])
+        if len(keys) != rows:
+            raise AdapterError(f"adapter= lists {len(keys)} row choices but the prompt has {rows} rows")
+        return self._mixed_session(keys)
 
     def _ort_run(self, session, output_names, feed, run_options):
         try:
@@ -222,7 +239,8 @@ class AdapterSession:
             raise LoraOnnxError(f"{self.package.path}: onnxruntime refused the run: {_first_line(exc)}") from None
 
     # -- generation (the loop lives in graph_tools.runtime.generate) ---------------------------
-    def generate(self, input_ids, *, attention_mask=None, adapter: AdapterChoice = None, max_new_tokens: int = 20,
+    def generate(self, input_ids, *, attention_mask=None, adapter: AdapterChoice | Sequence[AdapterChoice] = None,
+                 max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id=None) -> np.ndarray:
         """Generate on a KV-cache package: int64 ``[batch, prompt + new]`` like Hugging Face
