@@ -185,7 +185,6 @@ def ort_rows(work: Path, info: dict, held, calib, ref) -> list[tuple]:
     """``quantize_static`` (QDQ, per-channel int8 weights) on the base graph and each merged graph."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     mask = held["attention_mask"]
     rows = []
@@ -193,20 +192,17 @@ def ort_rows(work: Path, info: dict, held, calib, ref) -> list[tuple]:
     for act, method, exclude in settings:
         cos = []
         for key in ("base", info["strong"], info["light"]):
-            src = Path(info["graphs"][key])
-            pre = work / "ort" / f"{key}.pre.onnx"
-            if not pre.is_file():
-                pre.parent.mkdir(parents=True, exist_ok=True)
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            pre = Path(info["graphs"][key])  # plain fp32 graph (+ .data), typed by shape inference at export
             out = work / "ort" / f"{key}.{act}.{method}.{'excl' if exclude else 'all'}.onnx"
             if not out.is_file():
+                out.parent.mkdir(parents=True, exist_ok=True)
                 names = {i.name for i in onnx.load(str(pre), load_external_data=False).graph.input}
                 quantize_static(
                     str(pre), str(out), _Reader(calib, names), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt16 if act == "W8A16" else QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
                     nodes_to_exclude=_mask_nodes(pre) if exclude else None,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, use_external_data_format=True,
                 )
             cos.append(_held_cos(_ort_outputs(out, held), ref[key], mask))
         rows.append(("ORT quantize_static", f"{act} {method}{', mask excluded' if exclude else ', defaults'}", *cos, ""))
