@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import keyword
 import logging
 import os
@@ -104,8 +105,12 @@ def export_peft(
         export_kwargs = {"input_names": names, "dynamic_axes": {k: dict(v) for k, v in axes.items()} or None}
     with _export_mode(model, layers):
         if info is None:
-            with torch.no_grad():
-                outputs = wrapper(*args)
+            try:
+                with torch.no_grad():
+                    outputs = wrapper(*args)
+            except Exception as exc:  # a wrong dtype, shape or input name: the model cannot run on them
+                given = ", ".join(f"{n} {a.dtype} {list(a.shape)}".replace("torch.", "") for n, a in zip(names, args))
+                raise ExportError(f"the model does not run on the example inputs ({given}): {_first_line(exc)}") from None
             output_names = list(wrapper.output_names)
             del outputs
             export_kwargs["output_names"] = output_names
@@ -121,6 +126,8 @@ def export_peft(
     if info is not None:
         decoder.name_graph_io(ir_model, names, output_names)
         write_decoder_info(ir_model, info)
+    else:
+        _refuse_unused_inputs(ir_model, model, names)
     lora_params = _restore_names(ir_model, f"{_WRAP}.")
     _fold_weight_transposes(ir_model, lora_params)
     _optimize(ir_model, lora_params)
@@ -273,6 +280,23 @@ def _flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
         tensors = [t for t in out if isinstance(t, torch.Tensor)]
         return [f"output_{i}" for i in range(len(tensors))], tensors
     raise ExportError(f"model output of type {type(out).__name__} holds no tensors")
+
+
+def _refuse_unused_inputs(ir_model, model, names: list[str]) -> None:
+    """An example input the model's forward does not name and the graph never reads was passed
+    through ``**kwargs`` and ignored: refuse it rather than export an input that does nothing."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    for value in ir_model.graph.inputs:
+        if value.name in names and value.name not in named and not value.uses() and not value.is_graph_output():
+            raise ExportError(
+                f"example input {value.name!r} is not an input of {type(base).__name__}.forward "
+                f"(it takes: {', '.join(n for n in params if n in named)})"
+            )
 
 
 def _normalize_inputs(model, example_inputs) -> tuple[list[str], list[torch.Tensor]]:

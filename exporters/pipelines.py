@@ -19,6 +19,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from graph_tools._io import atomic_output, check_output_folder, refuse_overlap
 from graph_tools.errors import AdapterError, LoraOnnxError, ModelLoadError, QuantizationError
 
 __all__ = ["pipeline", "PipelineResult", "AdapterCheck", "load_base", "QUANT_PRESETS"]
@@ -193,16 +194,12 @@ def _calibration_feeds(calibration, model, n: int = 8) -> list[dict[str, np.ndar
     if calibration is None:
         return [{k: v.numpy() for k, v in _example_inputs(model, 1, 16, seed=100 + i).items()} for i in range(n)]
     if isinstance(calibration, (str, os.PathLike)):
-        try:
-            data = np.load(calibration)
-        except (OSError, ValueError) as exc:
-            raise QuantizationError(f"{calibration}: cannot read calibration data (.npz expected): {exc}") from None
-        arrays = {k: data[k] for k in data.files}
-        if not arrays:
-            raise QuantizationError(f"{calibration}: no arrays")
-        count = min(len(a) for a in arrays.values())
-        return [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(count)]
-    return list(calibration)
+        from graph_tools._feeds import read_npz, split_rows
+
+        return split_rows(read_npz(calibration, QuantizationError, "calibration data"), QuantizationError, calibration)
+    from graph_tools.quant.calibrate import iter_calibration
+
+    return iter_calibration(calibration)
 
 
 def pipeline(
@@ -232,7 +229,14 @@ def pipeline(
     if quantize != "none" and (mode != "inputs" or pack):
         raise QuantizationError("quantization needs --mode inputs without --pack")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # everything is read and checked before anything is written; the output appears whole or not at all
+    sources = [Path(p) for p in adapters.values()]
+    if model is None and not base.startswith("builtin:"):
+        sources.append(Path(base))
+    if isinstance(calibration, (str, os.PathLike)):
+        sources.append(Path(calibration))
+    refuse_overlap(out, sources)
+    check_output_folder(out, marker="package")
     times: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -243,45 +247,48 @@ def pipeline(
         model = _attach_adapters(base_model, adapters)
         bar.step()
     names = sorted({a for m in model.modules() if hasattr(m, "lora_A") for a in list(m.lora_A) + list(getattr(m, "lora_embedding_A", {}))})
+    feeds = _calibration_feeds(calibration, model) if quantize != "none" else None
     times["load"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    bar = _Progress("export", 1, quiet)
-    example = _example_inputs(model, 1, 8, seed=0)
-    export = export_peft(model, example, out / "export" / "model.onnx")
-    bar.step()
-    times["export"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sites = find_lora_sites(export.path)
-    times["inspect"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    package = extract_adapters(export.path, out / "package", mode=mode, pack=pack)
-    times["extract"] = time.perf_counter() - t
-
-    served = package
-    if quantize != "none":
-        from graph_tools.quant import quantize as run_quantize
-
+    with atomic_output(out, marker="package") as tmp:
         t = time.perf_counter()
-        feeds = _calibration_feeds(calibration, model)
-        bar = _Progress("calibrate", 1, quiet)
-        served = run_quantize(package.path, out / "quantized", feeds, activation_scope=activation_scope, **QUANT_PRESETS[quantize])
+        bar = _Progress("export", 1, quiet)
+        example = _example_inputs(model, 1, 8, seed=0)
+        export = export_peft(model, example, tmp / "export" / "model.onnx")
         bar.step()
-        times["quantize"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    checks = _verify(model, names, sites, package, served, quantize, quiet)
-    times["verify"] = time.perf_counter() - t
-
-    result = PipelineResult(out, package.path, served.path, quantize, sites, checks, times)
-    if report:
-        from graph_tools.report import write_report
+        times["export"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        result.report_path = write_report(result, out / "report.html")
-        times["report"] = time.perf_counter() - t
+        sites = find_lora_sites(export.path)
+        times["inspect"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        package = extract_adapters(export.path, tmp / "package", mode=mode, pack=pack)
+        times["extract"] = time.perf_counter() - t
+
+        served = package
+        if quantize != "none":
+            from graph_tools.quant import quantize as run_quantize
+
+            t = time.perf_counter()
+            bar = _Progress("calibrate", 1, quiet)
+            served = run_quantize(package.path, tmp / "quantized", feeds, activation_scope=activation_scope, **QUANT_PRESETS[quantize])
+            bar.step()
+            times["quantize"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        checks = _verify(model, names, sites, package, served, quantize, quiet)
+        times["verify"] = time.perf_counter() - t
+
+        final = out.resolve()
+        result = PipelineResult(final, final / "package", final / served.path.name, quantize, sites, checks, times)
+        if report:
+            from graph_tools.report import write_report
+
+            t = time.perf_counter()
+            write_report(result, tmp / "report.html")
+            result.report_path = final / "report.html"
+            times["report"] = time.perf_counter() - t
     return result
 
 

@@ -101,11 +101,20 @@ def _cmd_pipeline(args) -> int:
 def _cmd_demo(args) -> int:
     from exporters.demo_models import minilm_dir, train_demo_adapters
 
+    import shutil
+    import tempfile
+
     _quiet_transformers(args)
-    out = Path(args.output)
-    _say(args, "training two LoRA adapters on MiniLM (built-in tasks) ...")
-    adapters = train_demo_adapters(minilm_dir(), out / "peft_adapters")
-    return _run_pipeline(args, "builtin:minilm", {k: str(v) for k, v in adapters.items()})
+    out = Path(args.output).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the adapters are trained beside the output (the pipeline refuses inputs inside its output)
+    # and moved into it once the pipeline has written it whole
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.adapters-", dir=out.parent) as scratch:
+        _say(args, "training two LoRA adapters on MiniLM (built-in tasks) ...")
+        adapters = train_demo_adapters(minilm_dir(), Path(scratch) / "peft_adapters")
+        code = _run_pipeline(args, "builtin:minilm", {k: str(v) for k, v in adapters.items()})
+        shutil.move(str(Path(scratch) / "peft_adapters"), str(out / "peft_adapters"))
+    return code
 
 
 def _cmd_extract(args) -> int:
@@ -134,30 +143,24 @@ def _cmd_convert(args) -> int:
 def _cmd_run(args) -> int:
     import numpy as np
 
+    from graph_tools._feeds import read_npz
+    from graph_tools._io import atomic_file, refuse_overlap
+    from graph_tools.errors import OutputError
     from graph_tools.runtime.session import AdapterSession
 
     adapter = _parse_adapters(args.adapter)
-    expected = ".npz with one array per model input expected"
-    try:
-        data = np.load(args.feeds, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:  # missing, not numpy, pickled objects ...
-        raise LoraOnnxError(f"{args.feeds}: cannot read feeds ({expected}): {_one_line(exc)}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy
-        raise LoraOnnxError(f"{args.feeds}: cannot read feeds ({expected}, got a single array)")
-    with data:
-        try:
-            feeds = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as exc:  # a damaged member
-            raise LoraOnnxError(f"{args.feeds}: cannot read feeds ({expected}): {_one_line(exc)}") from None
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        if out.suffix != ".npz":
+            raise OutputError(f"{out}: the output file must end in .npz")
+        if out.is_dir():
+            raise OutputError(f"output {out} is a folder; give a .npz file path")
+        refuse_overlap(out, [args.package, args.feeds])
+    feeds = read_npz(args.feeds, LoraOnnxError, "feeds")
     session = AdapterSession(args.package)
     outputs = session.run(None, feeds, adapter=adapter)
     names = [o.name for o in session.get_outputs()]
-    if args.output:
-        from graph_tools._io import atomic_file
-
-        out = Path(args.output)
-        if out.suffix != ".npz":
-            raise LoraOnnxError(f"{out}: the output file must end in .npz")
+    if out is not None:
         with atomic_file(out) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(handle, **dict(zip(names, outputs)))
@@ -217,17 +220,11 @@ def _parse_adapters(values):
 
 
 def _cmd_quantize(args) -> int:
-    import numpy as np
-
+    from graph_tools._feeds import read_npz, split_rows
+    from graph_tools.errors import QuantizationError
     from graph_tools.quant import quantize
 
-    try:
-        data = np.load(args.calibration)
-    except (OSError, ValueError) as exc:
-        raise LoraOnnxError(f"{args.calibration}: cannot read calibration data (.npz expected): {exc}") from None
-    arrays = {k: data[k] for k in data.files}
-    count = min((len(a) for a in arrays.values()), default=0)
-    feeds = [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(count)]
+    feeds = split_rows(read_npz(args.calibration, QuantizationError, "calibration data"), QuantizationError, args.calibration)
     concurrencies = [c.split("+") for c in args.concurrency or []]
     package = quantize(args.package, args.output, feeds, weights=args.weights, activations=args.activations,
                        lora_weights=args.lora_weights, per_channel=not args.per_tensor, activation_scope=args.activation_scope,
@@ -263,8 +260,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _say(args, text: str) -> None:
+    """Progress goes to stdout (stderr holds nothing but the one error line); -q silences it."""
     if not getattr(args, "quiet", False):
-        print(text, file=sys.stderr)
+        print(text, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("peft_dir")
     p.add_argument("--package", required=True)
     p.add_argument("--name", default=None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("run", help="run a package with an adapter on feeds from a .npz file")
@@ -298,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter name; repeat (NAME=WEIGHT) for several at once")
     p.add_argument("--feeds", required=True, help=".npz with one array per model input")
     p.add_argument("-o", "--output", default=None, help="write outputs to this .npz")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("generate", help="generate tokens from a KV-cache package, streaming to stdout")
@@ -333,17 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", action="append", metavar="A+B", help="calibrate and serve these adapters together (repeat)")
     p.add_argument("--method", choices=["minmax", "percentile"], default="minmax")
     p.add_argument("--encodings-version", choices=["1.0.0", "2.0.0"], default="1.0.0")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("merge", help="fold one adapter into the base weights (plain ONNX model)")
     p.add_argument("package")
     p.add_argument("--adapter", required=True)
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("strip", help="remove every LoRA branch (the base model)")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd_strip)
 
     p = sub.add_parser("pipeline", help="export -> inspect -> extract -> quantize -> verify a PEFT model")

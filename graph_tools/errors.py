@@ -10,6 +10,7 @@ __all__ = [
     "LoraOnnxError",
     "ModelLoadError",
     "ExternalDataError",
+    "InvalidGraphError",
     "UnsupportedAdapterError",
     "NoLoraError",
     "ExportError",
@@ -19,6 +20,7 @@ __all__ = [
     "QuantizationError",
     "EncodingsError",
     "GenerationError",
+    "OutputError",
     "first_line",
 ]
 
@@ -33,6 +35,10 @@ class ModelLoadError(LoraOnnxError):
 
 class ExternalDataError(ModelLoadError):
     """External data of a model is missing, too short, or its path escapes the model's folder."""
+
+
+class InvalidGraphError(ModelLoadError):
+    """A model's graph is not a valid DAG: a cycle, or a value no node, input or initializer makes."""
 
 
 class UnsupportedAdapterError(LoraOnnxError):
@@ -70,6 +76,11 @@ class EncodingsError(LoraOnnxError):
 
 class GenerationError(LoraOnnxError):
     """Text generation was asked for with bad settings (prompt beyond the context, max_new_tokens)."""
+
+
+class OutputError(LoraOnnxError):
+    """An output path cannot be written safely: it is, contains or lies inside an input, or it is
+    a folder where a file goes (or a file where a folder goes)."""
 
 
 def first_line(exc: BaseException | str, limit: int = 200) -> str:

@@ -213,9 +213,11 @@ def test_rank_pattern_model(zoo, graphs, tmp_path):
 
 
 def test_extract_from_ir_model_and_overwrite(case, tmp_path):
-    """extract_adapters takes an ir.Model too, and replaces an existing package folder whole."""
+    """extract_adapters takes an ir.Model too, and replaces an existing package folder whole
+    (a folder that is not a package is refused: tests/test_hostile.py)."""
     out = tmp_path / "pkg"
     out.mkdir()
+    (out / "manifest.json").write_text("{}")  # an earlier package
     (out / "stale.txt").write_text("old")
     package = extract_adapters(ir.load(case.export), out)
     assert not (out / "stale.txt").exists()

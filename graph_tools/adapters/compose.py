@@ -191,5 +191,7 @@ def weights_from_slot_tensors(slots, tensors: Mapping[str, np.ndarray], path) ->
 
 
 def _check_shape(spec, array: np.ndarray, path) -> None:
+    if array.dtype != np.dtype(_np_dtype(spec.dtype)):
+        raise AdapterError(f"{path}: tensor {spec.name!r} has dtype {array.dtype}, slot expects {spec.dtype}")
     if len(spec.shape) != array.ndim or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
         raise AdapterError(f"{path}: tensor {spec.name!r} has shape {list(array.shape)}, slot expects {list(spec.shape)}")

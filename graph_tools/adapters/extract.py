@@ -21,7 +21,7 @@ import onnx_ir as ir
 if TYPE_CHECKING:
     import onnx
 
-from graph_tools._io import atomic_output, working_copy
+from graph_tools._io import atomic_output, model_files, refuse_overlap, working_copy
 from graph_tools.adapters import files, manifest as mf, shared
 from graph_tools.adapters.compose import pack_tensors, slot_tensors
 from graph_tools.adapters.load import DATA_FILE, EXTERNAL_SLOT_FILE, MODEL_FILE, MODES, AdapterPackage
@@ -66,6 +66,8 @@ def extract_adapters(
     source = str(model_path) if isinstance(model_path, (str, os.PathLike)) else f"<{type(model_path).__name__}>"
     base_files = shared.external_files(model)
     share = _share_base(share_base, model_path, out_dir, base_files)
+    if not share:  # a shared-base package is written beside its source on purpose, keeping it
+        refuse_overlap(out_dir, model_files(model_path if isinstance(model_path, (str, os.PathLike)) else None, model))
     sites = find_lora_sites(model)
     if not sites:
         raise NoLoraError(f"{source}: no LoRA sites found; nothing to extract")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools._io import check_external_data
+from graph_tools._io import check_external_data, check_topology, load_graph_file
 from graph_tools.adapters import manifest as mf, shared
 from graph_tools.errors import AdapterError, ModelLoadError, PackageError
 
@@ -99,10 +99,8 @@ def load_package_model(package: AdapterPackage, *, verify: bool = True) -> ir.Mo
     """The package graph (base weights lazy). External-mode slots, whose data is not part of the
     package, read as zeros. ``verify``: refuse a graph whose fingerprint is not the manifest's."""
     path = package.model_path
-    try:
-        model = ir.load(path)
-    except Exception as exc:  # protobuf DecodeError, ValueError ...: not a valid model
-        raise ModelLoadError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+    model = load_graph_file(path)
+    check_topology(model, str(path))
     slot_file = (package.manifest.extra or {}).get("external_slot_file")
     if package.manifest.mode == "external" and slot_file:
         for slot in package.manifest.slots:

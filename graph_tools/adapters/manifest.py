@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools._io import atomic_file
+from graph_tools._io import atomic_file, read_json
 from graph_tools.adapters.files import ADAPTER_FORMATS
 from graph_tools.errors import AdapterError, PackageError, first_line as _one_line
 
@@ -167,10 +167,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     path = _manifest_path(path)
     if not path.is_file():
         raise PackageError(f"{path}: no manifest (not an adapter package?)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise PackageError(f"{path}: manifest is not valid JSON ({_one_line(exc)})") from None
+    data = read_json(path, PackageError, "manifest", parse_constant=_refuse_constant)
     return _parse_manifest(data, str(path))
 
 

@@ -25,7 +25,6 @@ forward is not ``base(x) + scale * B(A(x))`` on the exported base weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from graph_tools._io import read_json
 from graph_tools.errors import AdapterError, first_line as _one_line
 from graph_tools.lora.naming import PEFT_PREFIX
 
@@ -182,10 +182,7 @@ def read_peft_adapter(path: str | os.PathLike) -> PeftAdapter:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+    config = read_json(path, AdapterError, CONFIG_NAME)
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type")
@@ -364,6 +361,9 @@ def _pair_sites(
                 other = next(iter(keys.values()))
                 raise AdapterError(f"{path}: tensor {other!r} has no matching lora_{role} tensor")
         a, b = tensors[keys["A"]], tensors[keys["B"]]
+        for key, array in ((keys["A"], a), (keys["B"], b)):
+            if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
+                raise AdapterError(f"{path}: tensor {key!r} has dtype {array.dtype}; LoRA weights are floating point")
         kind = kinds[module]
         if kind == "linear" and a.ndim > 2:
             kind = "conv"

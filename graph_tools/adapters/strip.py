@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from graph_tools._io import save_model, working_copy
+from graph_tools._io import model_files, refuse_overlap, save_model, working_copy
 from graph_tools.adapters.load import load_package_model, package_of
 from graph_tools.errors import AdapterError, NoLoraError
 from graph_tools.lora import find_lora_sites
@@ -33,9 +33,12 @@ def strip_adapters(model_path: str | os.PathLike | ir.Model | onnx.ModelProto, o
     if package is not None:
         model = load_package_model(package)
         triples = package.slot_triples()
+        inputs = [package.path]
     else:
         model = working_copy(model_path)
         triples = infer_slot_specs(model)
+        inputs = model_files(model_path if isinstance(model_path, (str, os.PathLike)) else None, model)
+    refuse_overlap([out_path, f"{out_path}.data"], inputs)
     branches = find_slot_branches(model, triples)
     if branches:
         run_passes(model, StripSlotsPass(branches))
@@ -47,7 +50,7 @@ def strip_adapters(model_path: str | os.PathLike | ir.Model | onnx.ModelProto, o
     left = find_lora_sites(model)
     if left:
         raise AdapterError(f"{_label(model_path)}: LoRA site {left[0].module!r}/{left[0].adapter!r} is left after strip")
-    return save_model(model, out_path)
+    return save_model(model, out_path, inputs=inputs)
 
 
 def _label(model) -> str:

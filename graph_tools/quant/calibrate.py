@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from graph_tools._feeds import check_feeds, input_specs
+from graph_tools._io import load_graph_file
 from graph_tools.errors import QuantizationError
 
 __all__ = ["Ranges", "collect_ranges", "collect_errors", "iter_calibration", "session_with_outputs"]
@@ -63,18 +65,28 @@ def iter_calibration(calibration) -> list[dict[str, np.ndarray]]:
             item = calibration.get_next()
             if item is None:
                 break
-            feeds.append(dict(item))
+            feeds.append(_feed(item, len(feeds)))
     else:
         try:
-            for item in calibration:
-                if not isinstance(item, Mapping):
-                    raise QuantizationError(f"calibration items must be dicts of arrays, got {type(item).__name__}")
-                feeds.append({k: np.asarray(v) for k, v in item.items()})
+            items = iter(calibration)
         except TypeError:
             raise QuantizationError(f"calibration must be an iterable of feed dicts, not {type(calibration).__name__}") from None
+        for item in items:
+            feeds.append(_feed(item, len(feeds)))
     if not feeds:
         raise QuantizationError("calibration data is empty")
     return feeds
+
+
+def _feed(item, k: int) -> dict[str, np.ndarray]:
+    if not isinstance(item, Mapping):
+        raise QuantizationError(f"calibration batch {k}: expected a dict of input name -> array, got {type(item).__name__}")
+    feed = {}
+    for name, value in item.items():
+        if not isinstance(value, (np.ndarray, np.generic)):
+            raise QuantizationError(f"calibration batch {k}: {name!r} is a {type(value).__name__}, not a numpy array")
+        feed[name] = value
+    return feed
 
 
 def session_with_outputs(model_path: Path, names: Iterable[str]) -> ort.InferenceSession:
@@ -87,7 +99,7 @@ def session_with_outputs(model_path: Path, names: Iterable[str]) -> ort.Inferenc
         if name not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # ORT's own error lines stay off stderr: failures are raised as ours
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -126,27 +138,40 @@ def _iter_values(model_path: Path, tensors: list[str], runs: Mapping[str | None,
     """Yield ``(run, tensor name, float32 value)`` for every run and calibration batch."""
     session = session_with_outputs(model_path, tensors)
     inputs = {i.name: i for i in session.get_inputs()}
-    _check_feeds(feeds, inputs, runs)
+    _check_feeds(feeds, inputs, runs, model_path)
     out_names = [o.name for o in session.get_outputs()]
     wanted = set(tensors)
     for key, slot_feed in runs.items():
-        for feed in feeds:
+        for k, feed in enumerate(feeds):
             full = dict(feed)
             full.update(slot_feed or {})
-            values = session.run(out_names, full)
+            try:
+                values = session.run(out_names, full)
+            except Exception as exc:  # ORT's InvalidArgument/Fail/RuntimeException: the feeds do not fit
+                raise QuantizationError(f"calibration batch {k}: onnxruntime refused it "
+                                        f"({_ort_reason(exc)})") from None
             for name, value in zip(out_names, values):
                 if name in wanted:
                     yield key, name, np.asarray(value, dtype=np.float32)
         logger.info("calibrated %s on %d batches", key or "base", len(feeds))
 
 
-def _check_feeds(feeds, inputs, runs) -> None:
+def _check_feeds(feeds, inputs, runs, model_path) -> None:
     slot_names = {n for run in runs.values() if run for n in run}
-    required = [n for n, i in inputs.items() if n not in slot_names]
+    required = [n for n in inputs if n not in slot_names]
+    specs = input_specs(load_graph_file(model_path).graph, slot_names)
     for k, feed in enumerate(feeds):
-        for name, value in feed.items():
+        for name in feed:
             if name not in inputs or name in slot_names:
                 raise QuantizationError(f"calibration batch {k}: {name!r} is not a model input; inputs: {', '.join(required)}")
-            spec = inputs[name]
-            if len(spec.shape) != np.ndim(value) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, np.shape(value))):
-                raise QuantizationError(f"calibration batch {k}: {name!r} has shape {list(np.shape(value))}, model expects {spec.shape}")
+        missing = [n for n in required if n not in feed and n in specs]
+        if missing:
+            raise QuantizationError(f"calibration batch {k}: missing input {missing[0]!r}; inputs: {', '.join(required)}")
+        check_feeds(feed, specs, error=QuantizationError, where=f"calibration batch {k}")
+
+
+def _ort_reason(exc: BaseException) -> str:
+    from graph_tools.errors import first_line
+
+    text = first_line(exc, limit=1000)
+    return text.split(" : ", 2)[-1][:200] if text.startswith("[ONNXRuntimeError]") else text[:200]

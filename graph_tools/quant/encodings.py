@@ -400,6 +400,8 @@ def read_encodings(path: str | os.PathLike, *, model: ir.Model | onnx.ModelProto
         raise EncodingsError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except UnicodeDecodeError:
         raise EncodingsError(f"{path}: not a text file") from None
+    except RecursionError:
+        raise EncodingsError(f"{path}: encodings file is nested too deeply to be read") from None
     with _about(path):
         encodings = encodings_from_dict(obj, model=model)
         if model is not None:  # an encodings file must describe this graph's tensors

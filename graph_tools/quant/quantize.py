@@ -33,10 +33,10 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from graph_tools._io import atomic_output
+from graph_tools._io import atomic_output, refuse_overlap
 from graph_tools.adapters import files, manifest as mf
 from graph_tools.adapters.compose import compose, weights_from_slot_tensors
-from graph_tools.adapters.load import DATA_FILE, MODEL_FILE, AdapterPackage, load_package
+from graph_tools.adapters.load import DATA_FILE, MODEL_FILE, AdapterPackage, load_package, load_package_model
 from graph_tools.errors import QuantizationError
 from graph_tools.lora import find_lora_sites
 from graph_tools.quant import aimet, encodings as enc
@@ -90,6 +90,7 @@ def quantize(
     _check_number("share_tolerance", share_tolerance)
     _check_number("mixed_error", mixed_error)
     package = load_package(package_dir)
+    refuse_overlap(out_dir, [package.path])
     man = package.manifest
     if man.mode != "inputs" or man.pack:
         raise QuantizationError("quantize needs an unpacked 'inputs' package (extract with mode='inputs', pack=False)")
@@ -115,7 +116,7 @@ def quantize(
     for combo in combos:
         slot_feeds[_combo_name(combo)] = compose(man.slots, [(adapter_weights[a], 1.0) for a in combo])
 
-    model = ir.load(package.model_path)
+    model = load_package_model(package)
     slot_names = {s.name for s in man.slots}
     sites = find_lora_sites(model)
     lora_acts = _lora_activations(model, sites)

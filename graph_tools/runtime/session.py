@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graph_tools._feeds import check_feeds, input_specs
 from graph_tools.adapters import files
 from graph_tools.adapters.manifest import check_adapter_tensors
 from graph_tools.adapters.compose import compose, fill_empty_ranks, pack_tensors, read_slot_weights, unpack_tensors
@@ -77,6 +78,7 @@ class AdapterSession:
         graph = load_package_model(self.package).graph  # checks the graph against the manifest
         adapter_fed = self._slot_names | {p["name"] for p in self._packs}
         self._required = [v.name for v in graph.inputs if v.name not in graph.initializers and v.name not in adapter_fed]
+        self._specs = input_specs(graph, adapter_fed)
         del graph
         self._input_names = set(self._required)
         if not self.external:
@@ -234,8 +236,9 @@ class AdapterSession:
 
     def _ort_run(self, session, output_names, feed, run_options):
         try:
-            return session.run(output_names, feed, run_options)
-        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+            return session.run(output_names, feed, run_options if run_options is not None else _quiet_run_options())
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail,
+                ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
             raise LoraOnnxError(f"{self.package.path}: onnxruntime refused the run: {_first_line(exc)}") from None
 
     # -- generation (the loop lives in graph_tools.runtime.generate) ---------------------------
@@ -276,6 +279,7 @@ class AdapterSession:
         missing = [n for n in self._required if n not in feeds]
         if missing:
             raise LoraOnnxError(f"missing feed {missing[0]!r} (inputs: {', '.join(sorted(self._input_names))})")
+        check_feeds(feeds, self._specs)
 
     def get_inputs(self):
         session = self._session if not self.external else self._external_session(None)
@@ -288,7 +292,7 @@ class AdapterSession:
     # -- external mode -------------------------------------------------------------------------
     def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # slots are initializers that are also inputs: by design
+        options.log_severity_level = 4  # slots are initializers that are also inputs: by design; errors are raised as ours
         if self._options is not None:
             for attr in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
                          "log_severity_level", "enable_cpu_mem_arena", "enable_mem_pattern"):
@@ -343,6 +347,13 @@ class AdapterSession:
                 values[init.name] = ort.OrtValue.ortvalue_from_numpy(array)
             self._base_values = values
         return self._base_values
+
+
+def _quiet_run_options() -> ort.RunOptions:
+    """Run options that keep ORT's own error log off stderr: every failure is raised as ours."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
 
 
 def _create_session(path: Path, options: ort.SessionOptions, providers) -> ort.InferenceSession:
