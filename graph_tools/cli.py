@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="list the LoRA sites of an ONNX model")
     p.add_argument("model", help="ONNX model file (or a package folder holding model.onnx)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("extract", help="turn a LoRA ONNX model into an adapter package")

@@ -634,8 +634,8 @@ hostile("AdapterSession.run: feeds that are a list", LoraOnnxError, "dict")(
     _session_run(lambda: [_ids(), _mask()]))
 hostile("AdapterSession.run: int32 ids", LoraOnnxError, "int32", "int64")(
     _session_run(lambda: {"input_ids": _ids(dtype=np.int32), "attention_mask": _mask()}))
-hostile("AdapterSession.run: adapter of a wrong type", AdapterError, "list")(
-    _session_run(lambda: {"input_ids": _ids(), "attention_mask": _mask()}, adapter=["default"]))
+hostile("AdapterSession.run: adapter of a wrong type", AdapterError, "int")(
+    _session_run(lambda: {"input_ids": _ids(), "attention_mask": _mask()}, adapter=42))
 hostile("AdapterSession.run: NaN adapter weight", AdapterError, "finite")(
     _session_run(lambda: {"input_ids": _ids(), "attention_mask": _mask()}, adapter={"default": float("nan")}))
 
