@@ -276,8 +276,11 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_bin(path: Path) -> dict[str, np.ndarray]:
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        raise AdapterError(f"{path}: reading a .bin checkpoint needs torch (pip install lora-onnx[export]); "
+                           "or save the adapter as adapter_model.safetensors") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError (refused globals), RuntimeError (truncated zip), EOFError ...
