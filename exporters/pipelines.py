@@ -83,23 +83,18 @@ class PipelineResult:
 
 
 class _Progress:
-    """A one-line text progress bar on stderr (silent with quiet=True)."""
+    """One tqdm bar per stage on stderr, with elapsed time (silent with quiet=True)."""
 
     def __init__(self, label: str, total: int, quiet: bool):
-        self.label, self.total, self.quiet, self.done = label, max(total, 1), quiet, 0
-        self._draw()
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=max(total, 1), desc=f"{label:<10}", disable=quiet, file=sys.stderr,
+                         bar_format="{desc} {bar:24} {n_fmt}/{total_fmt} [{elapsed}]", ascii=True)
 
     def step(self, n: int = 1) -> None:
-        self.done += n
-        self._draw()
-
-    def _draw(self) -> None:
-        if self.quiet:
-            return
-        filled = int(24 * self.done / self.total)
-        end = "\n" if self.done >= self.total else ""
-        sys.stderr.write(f"\r{self.label:<12} [{'#' * filled}{'.' * (24 - filled)}] {self.done}/{self.total}{end}")
-        sys.stderr.flush()
+        self._bar.update(n)
+        if self._bar.n >= self._bar.total:
+            self._bar.close()
 
 
 def load_base(base: str):
@@ -161,12 +156,14 @@ def _example_inputs(model, batch: int, seq: int, seed: int) -> dict[str, torch.T
 
 
 def _set_active(model, adapters: list[str]) -> None:
-    from peft.tuners.lora import LoraLayer
-
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            layer._active_adapter = [a for a in adapters if a in layer.scaling]
-            layer._disable_adapters = not adapters
+    """Through PEFT's public switches: no adapter = adapter layers disabled; else these adapters
+    (several at once: the tuner's ``set_adapter`` takes a list)."""
+    tuner = model.base_model
+    if not adapters:
+        tuner.disable_adapter_layers()
+        return
+    tuner.enable_adapter_layers()
+    tuner.set_adapter(list(adapters), inference_mode=True)
 
 
 def _torch_outputs(model, feeds: dict[str, torch.Tensor], adapters: list[str]) -> list[np.ndarray]:
