@@ -21,6 +21,7 @@ from graph_tools.errors import (
     OutputError,
     PackageError,
     QuantizationError,
+    SharedBaseChangedError,
     UnsupportedAdapterError,
 )
 from graph_tools.lora import LoraSite, find_lora_sites
@@ -48,6 +49,7 @@ __all__ = [
     "ExportError",
     "AdapterError",
     "PackageError",
+    "SharedBaseChangedError",
     "QuantizationError",
     "EncodingsError",
     "GenerationError",
