@@ -26,6 +26,7 @@ from graph_tools.errors import (
 )
 from graph_tools.lora import LoraSite, find_lora_sites
 from graph_tools.quant import quantize, read_encodings
+from graph_tools.runtime.mixed import mixed_feeds_for, write_mixed_model
 from graph_tools.runtime.session import AdapterSession
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "AdapterPackage",
     "load_package",
     "AdapterSession",
+    "write_mixed_model",
+    "mixed_feeds_for",
     "merge_adapter",
     "strip_adapters",
     "quantize",
