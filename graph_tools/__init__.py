@@ -22,10 +22,12 @@ from graph_tools.errors import (
     PackageError,
     QuantizationError,
     SharedBaseChangedError,
+    TokenizerError,
     UnsupportedAdapterError,
 )
 from graph_tools.lora import LoraSite, find_lora_sites
 from graph_tools.quant import quantize, read_encodings
+from graph_tools.runtime.genai import write_genai_folder
 from graph_tools.runtime.mixed import mixed_feeds_for, write_mixed_model
 from graph_tools.runtime.session import AdapterSession
 
@@ -57,4 +59,6 @@ __all__ = [
     "EncodingsError",
     "GenerationError",
     "OutputError",
+    "TokenizerError",
+    "write_genai_folder",
 ]

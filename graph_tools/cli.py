@@ -255,6 +255,15 @@ def _cmd_strip(args) -> int:
     return 0
 
 
+def _cmd_genai(args) -> int:
+    from graph_tools.runtime.genai import write_genai_folder
+
+    folder = write_genai_folder(args.package, args.output, tokenizer_dir=args.tokenizer, context_length=args.context_length)
+    print(f"wrote {folder} (genai_config.json, model.onnx, adapters/: "
+          f"{', '.join(sorted(p.stem for p in (folder / 'adapters').iterdir())) or 'none'})")
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -349,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd_strip)
+
+    p = sub.add_parser("genai", help="write an onnxruntime-genai folder for a KV-cache package")
+    p.add_argument("package", help="package of a graph exported with past (export_peft(..., with_past=True))")
+    p.add_argument("-o", "--output", required=True, help="folder to create (must not exist)")
+    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json and tokenizer_config.json")
+    p.add_argument("--context-length", type=int, default=None, help="override max_position_embeddings")
+    p.set_defaults(func=_cmd_genai)
 
     p = sub.add_parser("pipeline", help="export -> inspect -> extract -> quantize -> verify a PEFT model")
     p.add_argument("--base", required=True, help="local HF model folder, builtin:minilm or builtin:tiny-llama")

@@ -21,6 +21,7 @@ __all__ = [
     "EncodingsError",
     "GenerationError",
     "OutputError",
+    "TokenizerError",
     "first_line",
 ]
 
@@ -81,6 +82,10 @@ class GenerationError(LoraOnnxError):
 class OutputError(LoraOnnxError):
     """An output path cannot be written safely: it is, contains or lies inside an input, or it is
     a folder where a file goes (or a file where a folder goes)."""
+
+
+class TokenizerError(LoraOnnxError):
+    """A tokenizer folder is missing, lacks files a runtime needs, or holds broken files."""
 
 
 def first_line(exc: BaseException | str, limit: int = 200) -> str:
