@@ -224,6 +224,10 @@ hostile("strip a package -o inside it", OutputError, "lies inside")(
     lambda w: ["strip", w / "pkg", "-o", w / "pkg" / "base.onnx"])
 hostile("strip a package's model -o inside the package", OutputError, "lies inside")(
     lambda w: ["strip", w / "pkg" / "model.onnx", "-o", w / "pkg" / "base.onnx"])
+hostile("genai -o inside the package", OutputError, "lies inside")(
+    lambda w: ["genai", w / "pkg", "-o", w / "pkg" / "genai"])
+hostile("genai -o a folder containing the package", OutputError, "contains the input")(
+    lambda w: ["genai", w / "pkg", "-o", w])
 hostile("run -o the feeds file", OutputError, "is the input")(
     lambda w: ["run", w / "pkg", "--feeds", w / "feeds.npz", "-o", w / "feeds.npz"])
 hostile("run -o inside the package", OutputError, "lies inside")(

@@ -47,7 +47,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graph_tools._io import atomic_output
+from graph_tools._io import atomic_output, refuse_overlap
 from graph_tools.adapters import files
 from graph_tools.adapters.compose import read_slot_weights
 from graph_tools.adapters.load import MODEL_FILE, AdapterPackage, load_package, load_package_model
@@ -145,6 +145,7 @@ def write_genai_folder(
     """
     pkg = package if isinstance(package, AdapterPackage) else load_package(package)
     out = Path(out_dir)
+    refuse_overlap(out, [pkg.path, tokenizer_dir])
     if out.exists():
         raise PackageError(f"{out}: already exists; give a new folder for the genai model")
     tokenizer = check_tokenizer_dir(tokenizer_dir) if tokenizer_dir is not None else None
