@@ -213,6 +213,8 @@ def _export_mode(model: torch.nn.Module, layers) -> Iterator[None]:
             dtype = _lora_dtype(layer, adapters[0]) if adapters else torch.float32
             for adapter in adapters:
                 holder.register_buffer(adapter, torch.tensor(float(layer.scaling[adapter]), dtype=dtype))
+            # Private switches kept on purpose: PEFT's public set_adapter/enable_adapters also flip
+            # requires_grad on the user's LoRA parameters, and export must leave the model as it was.
             saved.append((layer, layer.scaling, layer._active_adapter, layer._disable_adapters))
             layer.lora_scale = holder
             layer.scaling = _ScaleView(layer, layer.scaling)
