@@ -10,10 +10,7 @@ import onnx
 import pytest
 import torch
 
-from exporters import export_peft
-from exporters.demo_models import tiny_llama
 from graph_tools import QuantizationError
-from graph_tools.adapters.extract import extract_adapters
 from graph_tools.quant import quantize, read_encodings
 from graph_tools.runtime.session import AdapterSession
 
@@ -27,11 +24,8 @@ def _batches(n: int, seed: int, batch: int = 2, seq: int = 12):
 
 
 @pytest.fixture(scope="module")
-def float_package(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    model, inputs = tiny_llama(layers=1, hidden=32)
-    export_peft(model, inputs, root / "model.onnx")
-    return extract_adapters(root / "model.onnx", root / "pkg")
+def float_package(tiny_llama_package):
+    return tiny_llama_package
 
 
 @pytest.fixture(scope="module")

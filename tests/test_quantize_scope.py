@@ -11,11 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters import export_peft
-from exporters.demo_models import tiny_llama
 from graph_tools import AdapterError, QuantizationError
 from graph_tools.adapters import files
-from graph_tools.adapters.extract import extract_adapters
 from graph_tools.quant import quantize, read_encodings
 from graph_tools.quant.scope import norm_tensors
 from graph_tools.runtime.session import AdapterSession
@@ -39,11 +36,8 @@ HELD_OUT = _batches(4, seed=99)  # 8 held-out rows, never calibrated
 
 
 @pytest.fixture(scope="module")
-def fpkg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scope")
-    model, inputs = tiny_llama(layers=1, hidden=32)
-    export_peft(model, inputs, root / "model.onnx")
-    return extract_adapters(root / "model.onnx", root / "pkg")
+def fpkg(tiny_llama_package):
+    return tiny_llama_package
 
 
 @pytest.fixture(scope="module")
