@@ -385,3 +385,68 @@ def golden(sites) -> list[dict]:
             row["scale"] = round(float(row["scale"]), 6)
         rows.append(row)
     return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+# -- several adapted layers with PEFT names (slots, pack, compose tests) -------------------------
+@dataclasses.dataclass(frozen=True)
+class LoraLayers:
+    """Parallel LoRA linear layers on one input ``x``, one output ``y.<module>`` each.
+
+    ``weights[adapter][module] = (A [r, in], B [out, r], scale)`` in PEFT's parameter layout (what
+    :func:`graph_tools.adapters.compose.compose` takes); :meth:`reference` is the numpy output with
+    the given adapters active, each times its weight (``[]``: the base model)."""
+
+    model: ir.Model
+    feeds: dict[str, np.ndarray]
+    base: dict[str, np.ndarray]  # module -> W [in, out]
+    weights: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]]
+
+    def reference(self, active: list[tuple[str, float]]) -> dict[str, np.ndarray]:
+        x = self.feeds["x"].astype(np.float64)
+        out = {}
+        for module, w in self.base.items():
+            y = x @ w.astype(np.float64)
+            for adapter, factor in active:
+                if module in self.weights[adapter]:
+                    a, b, s = self.weights[adapter][module]
+                    y = y + factor * s * (x @ a.T.astype(np.float64) @ b.T.astype(np.float64))
+            out[f"y.{module}"] = y
+        return out
+
+
+def lora_layers(
+    modules: tuple[str, ...] = ("q_proj", "k_proj"),
+    ranks: dict[str, int] | None = None,
+    *,
+    skip: dict[str, tuple[str, ...]] | None = None,
+    dtype=np.float32,
+    seed: int = 0,
+) -> LoraLayers:
+    """Layers ``modules`` (``IN -> OUT``) with adapters ``ranks`` (``{adapter: r}``, default
+    ``{"default": 4, "second": 2}``) chained on each, named as PEFT names them; ``skip[adapter]``:
+    modules that adapter does not adapt. Weights, input and scales in ``dtype``."""
+    ranks = ranks or {"default": 4, "second": 2}
+    skip = skip or {}
+    b = GraphBuilder(seed=seed)
+    elem = ir.DataType.from_numpy(np.dtype(dtype))
+    x = b.input("x", ["batch", SEQ, IN], elem)
+    feeds = {"x": np.random.default_rng(seed + 7).standard_normal((2, SEQ, IN)).astype(dtype)}
+    base, weights, outputs = {}, {a: {} for a in ranks}, []
+    for i, module in enumerate(modules):
+        prefix = f"base_model.model.{module}"
+        w = (b.rng.standard_normal((IN, OUT)) * 0.3).astype(dtype)
+        base[module] = w
+        y = b.op("MatMul", x, b.weight(f"{prefix}.base_layer.weight", w))
+        for k, (adapter, rank) in enumerate(ranks.items()):
+            if module in skip.get(adapter, ()):
+                continue
+            a = (b.rng.standard_normal((IN, rank)) * 0.3).astype(dtype)
+            bb = (b.rng.standard_normal((rank, OUT)) * 0.3).astype(dtype)
+            s = 0.5 + i + 0.25 * k
+            h = b.op("MatMul", b.op("MatMul", x, b.weight(f"{prefix}.lora_A.{adapter}.weight", a)),
+                     b.weight(f"{prefix}.lora_B.{adapter}.weight", bb))
+            y = b.op("Add", y, b.op("Mul", h, b.const(f"{prefix}.scale.{adapter}", s, dtype)))
+            weights[adapter][module] = (np.ascontiguousarray(a.T), np.ascontiguousarray(bb.T), s)
+        y.name = f"y.{module}"
+        outputs.append(y)
+    return LoraLayers(b.model(*outputs), feeds, base, weights)
