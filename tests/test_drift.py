@@ -3,21 +3,16 @@
 - exporters/peft_export.py ``_optimize`` copies onnxscript's ``optimize_ir`` pass list (minus the
   passes that would merge our LoRA scales and weights). An onnxscript upgrade that changes that list
   fails here, loudly, until the copy is reviewed.
-- graph_tools/adapters/peft_checkpoint.py copies PEFT rules (the ``rank_pattern``/``alpha_pattern``
-  key match, the fields PEFT tags as forward-changing variants, the embedding layer names) so that
-  ``convert`` need not import peft; each copy is compared with peft's own (needs the [export] extra).
+- The PEFT rules we copied (pattern keys, variant fields, names, scaling) are compared with peft's
+  own in tests/test_peft_rules.py.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
-import sys
 import textwrap
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,29 +72,3 @@ def test_onnxscript_optimizer_pass_list_is_the_one_we_copied():
 
 def test_our_optimizer_copy_is_upstream_minus_what_we_leave_out():
     assert _pass_calls_in(_our_optimize()) == [n for n in ONNXSCRIPT_OPTIMIZE_IR if n not in LEFT_OUT]
-
-
-def _without_peft_loaded(monkeypatch):
-    """Hide peft from sys.modules for this test (monkeypatch puts it back): the copies are used."""
-    for name in [m for m in sys.modules if m == "peft" or m.startswith("peft.")]:
-        monkeypatch.delitem(sys.modules, name)
-
-
-@pytest.mark.torch
-def test_copied_peft_rules_match_peft(monkeypatch):
-    from peft import LoraConfig
-    from peft.utils.constants import EMBEDDING_LAYER_NAMES
-    from peft.utils.other import get_pattern_key
-
-    from graph_tools.adapters import peft_checkpoint as pc
-
-    assert pc._VARIANT_FIELDS == tuple(f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant"))
-    _without_peft_loaded(monkeypatch)
-    assert tuple(pc._embedding_layer_names()) == tuple(EMBEDDING_LAYER_NAMES)
-    ours = pc._get_pattern_key.__wrapped__()  # the copy: peft "not loaded"
-    assert ours is not get_pattern_key
-    patterns = ["q_proj", "layers.0.self_attn.v_proj", r"model\.layers\.1\..*", "k_proj|v_proj", "proj"]
-    keys = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj",
-            "model.layers.2.self_attn.k_proj", "model.layers.3.self_attn.o_proj", "lm_head", "xq_proj"]
-    for key in keys:
-        assert ours(patterns, key) == get_pattern_key(patterns, key), key
