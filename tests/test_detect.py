@@ -1,8 +1,14 @@
-"""graph_tools.find_lora_sites: every source of graphs, hand-built variants, and look-alikes."""
+"""graph_tools.find_lora_sites: every source of graphs, hand-built variants, and look-alikes.
+
+Exported graphs are the committed fixtures (fixtures/make_fixtures.py exports them; torch export is
+tested in test_export*.py): detection is compared with what PEFT says (the zoo models are built,
+not exported, for that: torch) and ORT on them with PEFT's outputs. Graph-only checks and the
+hand-built graphs run without torch."""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -10,11 +16,23 @@ import onnxruntime as ort
 import pytest
 
 import graph_builder as gb
-import models
 from graph_tools import find_lora_sites
 
-ZOO = list(models.ZOO)
-LABELED = ("ours", "dynamo", "torchscript", "inputs")
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+ZOO = sorted(p.name.removeprefix("ours_").removesuffix(".onnx") for p in FIXTURES.glob("ours_*.onnx"))
+EXPORTERS = ("dynamo", "torchscript")
+LABELED = ("ours", *EXPORTERS, "inputs")
+
+
+def _graph(source: str, name: str) -> ir.Model:
+    """Zoo model ``name`` from ``source``: a committed fixture, or (``inputs``/``stripped`` where
+    none is committed) the graph edit of the committed ``ours`` fixture that makes one."""
+    path = FIXTURES / f"{source}_{name}.onnx"
+    if path.is_file():
+        return ir.load(path)
+    assert source in ("inputs", "stripped"), f"no fixture {path.name}: add it to fixtures/make_fixtures.py"
+    model = ir.load(FIXTURES / f"ours_{name}.onnx")
+    return gb.lora_to_inputs(model, find_lora_sites(model)) if source == "inputs" else gb.strip_names(model)
 
 
 def _props(site) -> dict:
@@ -30,23 +48,42 @@ def _ort(model_or_path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
 
 
+def _peft_output(zoo, name: str):
+    """(feeds, PEFT's output with every adapter active) for zoo model ``name``."""
+    import models
+
+    model, _ = zoo[name]
+    inputs = models.example_inputs(name, batch=3, seq=7)
+    want = next(iter(models.reference_output(model, inputs).values()))
+    return {k: v.numpy() for k, v in inputs.items()}, want
+
+
+def test_every_zoo_model_has_fixtures():
+    assert len(ZOO) >= 7
+    for name in ZOO:
+        for source in EXPORTERS:
+            assert (FIXTURES / f"{source}_{name}.onnx").is_file(), f"{source}_{name}"
+
+
 # -- zoo models, every exporter ------------------------------------------------------------------
 @pytest.mark.parametrize("source", LABELED)
 @pytest.mark.parametrize("name", ZOO)
-def test_sites_and_labels(name, source, zoo, graphs):
+def test_sites_and_labels(name, source, zoo):
     """Every site found, labeled with PEFT's module path and adapter, with PEFT's rank/features/scale."""
+    import models
+
     model, _ = zoo[name]
-    path = graphs(source, name)
+    graph = _graph(source, name)
     expected = models.expected_sites(model)
-    sites = find_lora_sites(path)
+    sites = find_lora_sites(graph)
     assert len(sites) == len(expected)
     found = {s.key: s for s in sites}
     assert set(found) == set(expected)
+    inputs = {v.name for v in graph.graph.inputs}
     for key, site in found.items():
         want = expected[key]
         got = _props(site)
         if source == "inputs":  # A/B/scale are graph inputs: rank symbolic, scale is the input's name
-            inputs = {v.name for v in ir.load(path).graph.inputs}
             assert isinstance(site.rank, str) and site.rank.startswith("lora_r")
             assert site.scale == site.scale_value and site.scale in inputs
             assert {site.lora_a, site.lora_b} <= inputs
@@ -55,44 +92,40 @@ def test_sites_and_labels(name, source, zoo, graphs):
         assert site.labeled_by in ("names", "metadata")
 
 
-@pytest.mark.parametrize("source", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("source", ["ours", *EXPORTERS])
 @pytest.mark.parametrize("name", ZOO)
-def test_plain_exports_are_faithful(name, source, zoo, graphs):
-    """The plain torch.onnx graphs under test compute what PEFT computes (all adapters active)."""
-    model, _ = zoo[name]
-    inputs = models.example_inputs(name, batch=3, seq=7)
-    want = next(iter(models.reference_output(model, inputs).values()))
-    got = _ort(graphs(source, name), {k: v.numpy() for k, v in inputs.items()})
-    assert float(np.abs(got - want).max()) <= 1e-4
+def test_exported_graphs_are_faithful(name, source, zoo):
+    """The graphs under test compute what PEFT computes (all adapters active)."""
+    feeds, want = _peft_output(zoo, name)
+    assert float(np.abs(_ort(FIXTURES / f"{source}_{name}.onnx", feeds) - want).max()) <= 1e-4
 
 
-def test_dynamo_optimizer_renames_and_folds(graphs):
+def test_dynamo_optimizer_renames_and_folds():
     """The case names cannot solve: dynamo's optimizer folds LoRA transposes into ``val_N``."""
-    sites = find_lora_sites(graphs("dynamo", "bert"))
+    sites = find_lora_sites(FIXTURES / "dynamo_bert.onnx")
     emb = next(s for s in sites if s.kind == "embedding")
     assert (emb.module, emb.adapter) == ("embeddings.word_embeddings", "default")
     assert "lora" not in emb.lora_a and "lora" not in emb.lora_b
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_inputs_graph_runs_with_fed_weights(name, zoo, graphs):
-    model, _ = zoo[name]
-    weights = {v.name: v.const_value.numpy() for v in ir.load(graphs("ours", name)).graph.initializers.values()}
-    inputs = models.example_inputs(name, batch=3, seq=7)
-    feeds = {k: v.numpy() for k, v in inputs.items()} | weights
-    want = next(iter(models.reference_output(model, inputs).values()))
-    assert float(np.abs(_ort(graphs("inputs", name), feeds) - want).max()) <= 1e-4
+def test_inputs_graph_runs_with_fed_weights(name, zoo):
+    feeds, want = _peft_output(zoo, name)
+    weights = {v.name: v.const_value.numpy() for v in ir.load(FIXTURES / f"ours_{name}.onnx").graph.initializers.values()}
+    assert float(np.abs(_ort(_graph("inputs", name), feeds | weights) - want).max()) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_stripped_graph_still_yields_every_site(name, zoo, graphs):
+def test_stripped_graph_still_yields_every_site(name, zoo):
+    import models
+
     model, _ = zoo[name]
-    path = graphs("stripped", name)
-    graph = ir.load(path).graph
+    stripped = _graph("stripped", name)
+    graph = stripped.graph
     assert not any(n.name or n.metadata_props for n in graph)
     assert not any("lora" in v for v in graph.initializers)
     expected = models.expected_sites(model)
-    sites = find_lora_sites(path)
+    sites = find_lora_sites(stripped)
     assert all(s.labeled_by == "structure" for s in sites)
     key = lambda p: (p["kind"], p["rank"], p["in_features"], p["out_features"], round(p["scale"], 5))  # noqa: E731
     assert Counter(key(dict(_props(s), scale=s.scale)) for s in sites) == Counter(key(p) for p in expected.values())
@@ -102,16 +135,17 @@ def test_stripped_graph_still_yields_every_site(name, zoo, graphs):
     assert all(m.startswith("site_") for m in modules)
     for module, count in modules.items():
         assert [s.adapter for s in sites if s.module == module] == [f"adapter_{k}" for k in range(count)]
-    inputs = models.example_inputs(name, batch=3, seq=7)
-    want = next(iter(models.reference_output(model, inputs).values()))
-    assert float(np.abs(_ort(path, {k: v.numpy() for k, v in inputs.items()}) - want).max()) <= 1e-4
+    feeds, want = _peft_output(zoo, name)
+    assert float(np.abs(_ort(stripped, feeds) - want).max()) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_ours_points_at_peft_tensors(name, graphs):
-    graph = ir.load(graphs("ours", name)).graph
+def test_ours_points_at_peft_tensors(name):
+    graph = ir.load(FIXTURES / f"ours_{name}.onnx").graph
     nodes = {n.name for n in graph}
-    for site in find_lora_sites(graphs("ours", name)):
+    sites = find_lora_sites(FIXTURES / f"ours_{name}.onnx")
+    assert sites
+    for site in sites:
         a_role = "lora_embedding_A" if site.kind == "embedding" else "lora_A"
         b_role = "lora_embedding_B" if site.kind == "embedding" else "lora_B"
         suffix = "" if site.kind == "embedding" else ".weight"
@@ -161,18 +195,9 @@ def test_look_alikes_are_not_sites(variant):
     assert find_lora_sites(v.model) == []
 
 
-@pytest.fixture(scope="module")
-def plain_llama_exports(tmp_path_factory):
-    model, inputs = models.plain_llama()
-    folder = tmp_path_factory.mktemp("plain")
-    paths = {}
-    for source in ("dynamo", "torchscript"):
-        paths[source] = models.export_source(source, "plain_llama", folder / f"{source}.onnx", model, inputs)
-    return paths
-
-
-@pytest.mark.parametrize("source", ["dynamo", "torchscript"])
-def test_plain_model_has_no_sites(source, plain_llama_exports):
-    graph = ir.load(plain_llama_exports[source]).graph
+@pytest.mark.parametrize("source", EXPORTERS)
+def test_plain_model_has_no_sites(source):
+    path = FIXTURES / f"negative_plain_llama_{source}.onnx"
+    graph = ir.load(path).graph
     assert sum(n.op_type == "MatMul" for n in graph) >= 7  # q/k/v/o/gate/up/down: plenty of candidates
-    assert find_lora_sites(plain_llama_exports[source]) == []
+    assert find_lora_sites(path) == []
