@@ -134,6 +134,24 @@ def test_load_adapter_and_unknown_names(case, tmp_path):
         fixed.run(None, case.feeds, adapter={"default": 1.0, "copy": 1.0, "second": 1.0})
 
 
+def test_external_sessions_prepacking_off_unless_asked(case):
+    """External mode disables weight prepacking (a packed copy per adapter session would duplicate
+    the shared base weights); ``session_config`` can keep it; outputs are the same either way."""
+    package = H.get_package(case, "external")
+    default = AdapterSession(package)
+    packed = AdapterSession(package, session_config={"session.disable_prepacking": "0"})
+    for ours, want in ((default, "1"), (packed, "0")):
+        ours.run(None, case.feeds, adapter="default")
+        for session in ours._sessions.values():
+            assert session.get_session_options().get_session_config_entry("session.disable_prepacking") == want
+    for g, w in zip(packed.run(None, case.feeds, adapter="default"), default.run(None, case.feeds, adapter="default")):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    # inputs mode (one session) keeps ORT's default: prepacking on
+    options = AdapterSession(H.get_package(case, "inputs"))._session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        options.get_session_config_entry("session.disable_prepacking")
+
+
 def test_external_sessions_share_base_weights(case):
     """External mode: one session per adapter, all reading the same memory-mapped base weights."""
     session = AdapterSession(H.get_package(case, "external"))

@@ -8,8 +8,12 @@
 * ``external`` packages: adapter values are supplied at session creation through
   ``SessionOptions.add_initializer`` (plain onnxruntime users can use
   ``add_external_initializers``, which copies); one session per adapter (created on first use),
-  all sharing the base weights, which are read once from the memory-mapped data file (weight
-  prepacking is disabled for these sessions so that no per-session packed copy is made).
+  all sharing the base weights, which are read once from the memory-mapped data file. Weight
+  prepacking is disabled for these sessions (``session.disable_prepacking=1``): ORT's Python API
+  has no shared prepacked-weights container, so each session would keep its own packed copy of
+  every MatMul weight (about the size of those weights, per adapter session). It costs speed
+  (benchmarks/README.md, "Generation"); ``session_config={"session.disable_prepacking": "0"}``
+  keeps prepacking, trading that memory for speed. ``inputs`` packages (one session) prepack.
 
 ``run`` is thread-safe: ORT's ``run`` is, and the caches are filled under a lock. The package's
 graph must match its manifest (graph fingerprint), so a manifest copied from another package is
@@ -47,6 +51,8 @@ AdapterChoice = str | Mapping[str, float] | None
 
 #: prepared feeds kept per adapter *combination* (single adapters are always kept)
 _MAX_COMBINATIONS = 32
+#: session config key: external-mode sessions set it to "1" unless ``session_config`` sets it
+_PREPACKING = "session.disable_prepacking"
 
 
 class AdapterSession:
@@ -57,7 +63,9 @@ class AdapterSession:
         """``session_options`` is used as given in inputs mode; external mode builds one options
         object per adapter session and copies its common attributes (threads, optimization level,
         execution mode, arena, memory pattern). ``session_config`` entries (e.g.
-        ``{"session.intra_op.allow_spinning": "0"}``) are applied to every session in both modes."""
+        ``{"session.intra_op.allow_spinning": "0"}``) are applied to every session in both modes; in external mode
+        ``{"session.disable_prepacking": "0"}`` keeps weight prepacking (faster, one packed copy of
+        the base MatMul weights per adapter session)."""
         self._config = dict(session_config or {})
         self.package = load_package(package_dir)
         self.manifest = self.package.manifest
@@ -317,7 +325,8 @@ class AdapterSession:
                 # of every MatMul weight: both would duplicate the base weights per adapter session.
                 # (slots, whose data file is deliberately absent, must go the external way: ORT
                 # validates external paths of add_initializer overrides; slots are small anyway).
-                options.add_session_config_entry("session.disable_prepacking", "1")
+                if _PREPACKING not in self._config:  # the caller's choice wins (see the module docstring)
+                    options.add_session_config_entry(_PREPACKING, "1")
                 slot_values = {n: v for n, v in values.items() if n in self._slot_names}
                 options.add_external_initializers(list(slot_values), list(slot_values.values()))
                 for name, value in values.items():
