@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: np.dtype("bfloat16"))
 import numpy as np
 
 from graph_tools.errors import AdapterError
@@ -149,11 +150,8 @@ def read_slot_weights(slots, packs: list[dict], path, *, expected_modules=None) 
     return weights
 
 
-def _np_dtype(name: str):
-    if name in ("bfloat16",):
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
+def _np_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a manifest dtype name (``bfloat16``: ml_dtypes', registered with numpy)."""
     return np.dtype(name)
 
 

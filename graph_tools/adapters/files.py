@@ -51,8 +51,8 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-import ml_dtypes
 import numpy as np
+import onnx_ir as ir
 
 from graph_tools._io import atomic_file
 from graph_tools.errors import AdapterError, first_line
@@ -72,23 +72,13 @@ logger = logging.getLogger(__name__)
 ADAPTER_SUFFIX: dict[str, str] = {"onnx_adapter": ".onnx_adapter", "safetensors": ".safetensors"}
 ADAPTER_FORMATS = tuple(ADAPTER_SUFFIX)
 
-#: numpy dtype -> ONNX TensorProto data type, for every dtype both formats store.
-_ONNX_TYPE: dict[np.dtype, int] = {
-    np.dtype(np.float32): 1,
-    np.dtype(np.uint8): 2,
-    np.dtype(np.int8): 3,
-    np.dtype(np.uint16): 4,
-    np.dtype(np.int16): 5,
-    np.dtype(np.int32): 6,
-    np.dtype(np.int64): 7,
-    np.dtype(np.float16): 10,
-    np.dtype(np.float64): 11,
-    np.dtype(np.uint32): 12,
-    np.dtype(np.uint64): 13,
-    np.dtype(ml_dtypes.bfloat16): 16,
-}
+#: the element types both formats store (ours: bool, float8 and int4 do not fit both); the numpy
+#: <-> ONNX mapping itself is onnx-ir's ``ir.DataType``
+_STORED = tuple(ir.DataType[n] for n in (
+    "FLOAT", "UINT8", "INT8", "UINT16", "INT16", "INT32", "INT64", "FLOAT16", "DOUBLE", "UINT32", "UINT64", "BFLOAT16"))
+_ONNX_TYPE: dict[np.dtype, ir.DataType] = {np.dtype(t.numpy()): t for t in _STORED}
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(dtype.name for dtype in _ONNX_TYPE)
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_BFLOAT16 = np.dtype(ir.DataType.BFLOAT16.numpy())
 _VERSION_KEYS = ("adapter_version", "model_version")
 _ORT_LOCATION = re.compile(r"^\S+\.(?:cc|h):\d+ [^(]*\([^)]*\)\s*")
 
@@ -252,7 +242,7 @@ def _write_onnx_adapter(tmp: Path, arrays: dict[str, np.ndarray], versions: dict
     params = {}
     for name, array in arrays.items():
         if array.dtype == _BFLOAT16:
-            params[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), _ONNX_TYPE[_BFLOAT16])
+            params[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), ir.DataType.BFLOAT16.value)
         else:
             params[name] = ort.OrtValue.ortvalue_from_numpy(array)
     adapter = ort.AdapterFormat()
@@ -273,7 +263,7 @@ def _load_adapter_format(path: Path):
 
 def _read_onnx_adapter(path: Path) -> dict[str, np.ndarray]:
     adapter = _load_adapter_format(path)
-    by_onnx_type = {onnx_type: dtype for dtype, onnx_type in _ONNX_TYPE.items()}
+    by_onnx_type = {t.value: dtype for dtype, t in _ONNX_TYPE.items()}
     arrays: dict[str, np.ndarray] = {}
     try:
         params = adapter.get_parameters()

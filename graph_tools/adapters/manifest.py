@@ -30,6 +30,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: np.dtype("bfloat16"))
 import numpy as np
 import onnx_ir as ir
 
@@ -335,11 +336,7 @@ def _unique(names: list[str], where: str, what: str) -> None:
 
 
 def _numpy_dtype(name: str, where: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    try:
+    try:  # bfloat16 too: ml_dtypes registers it with numpy
         return np.dtype(name)
     except TypeError:
         raise _Invalid(f"{where}: unknown dtype {name!r}") from None
