@@ -255,3 +255,38 @@ def test_fingerprint_sees_edges_and_subgraphs():
     then_branch = sub.graph.node[5].attribute[0].g
     then_branch.node[0].op_type = "ConstantOfShape"
     assert graph_fingerprint(ir.from_proto(sub)) != base
+
+
+def test_schema_choices_are_the_code_s():
+    """The schema's enums repeat MODES and the adapter formats: they must not drift apart."""
+    from graph_tools.adapters.files import ADAPTER_FORMATS
+    from graph_tools.adapters.manifest import MODES, _validator
+
+    schema = _validator().schema
+    assert schema["properties"]["mode"]["enum"] == list(MODES)
+    assert schema["$defs"]["adapter"]["properties"]["format"]["enum"] == list(ADAPTER_FORMATS)
+    assert schema["properties"]["format_version"]["const"] == FORMAT_VERSION
+    assert set(schema["required"]) == {f.name for f in dataclasses.fields(Manifest)}
+    assert set(schema["$defs"]["slot"]["required"]) == {f.name for f in dataclasses.fields(SlotSpec)}
+    assert set(schema["$defs"]["adapter"]["required"]) == {f.name for f in dataclasses.fields(AdapterSpec)}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["slots"][0].update(name=""), r"slots\[0\].name: expected a non-empty string, got ''"),
+        (lambda d: d["slots"][0].update(shape=["", 8]), r"slots\[0\].shape\[0\]: expected a size >= 0 or a dim name, got ''"),
+        (lambda d: d["slots"][2].update(shape="r"), r"slots\[2\].shape: expected a list, got 'r'"),
+        (lambda d: d["adapters"][0].update(scale=[2.0]), r"adapters\[0\].scale: expected an object, got list"),
+        (lambda d: d["adapters"][1]["alpha"].update(q_proj=None), r"adapters\[1\].alpha\['q_proj'\]: expected a finite number"),
+        (lambda d: d["adapters"][0].update(alpha="8"), r"adapters\[0\].alpha: expected a finite number, got '8'"),
+        (lambda d: d["adapters"][0].pop("source"), r"adapters\[0\]: missing field 'source'"),
+        (lambda d: d["slots"][0].update(extra=1), r"slots\[0\]: unknown field 'extra'"),
+        (lambda d: d.update(extra=[]), "extra: expected an object, got list"),
+    ],
+)
+def test_schema_errors_name_the_field(tmp_path, change, message):
+    path = _write_raw(tmp_path, _broken(change))
+    with pytest.raises(PackageError, match=message) as info:
+        read_manifest(path)
+    assert "\n" not in str(info.value)

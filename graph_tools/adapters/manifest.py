@@ -14,15 +14,19 @@ Example (abridged)::
      "adapters": [{"name": "french", "file": "adapters/french.onnx_adapter", "format": "onnx_adapter",
                    "rank": 8, "alpha": 16.0, "scale": {"q_proj": 2.0}, "source": "peft:./french"}]}
 
-Reading validates every field and raises :class:`PackageError` with one line naming the file and
-the field (``adapters[1].rank``); writing validates the same way first, then writes atomically
+Reading validates every field against ``schemas/manifest.schema.json`` (JSON Schema 2020-12) and
+the rules a schema cannot hold (known dtypes, relative adapter paths, finite numbers, unique
+names), and raises :class:`PackageError` with one line naming the file and the field
+(``adapters[1].rank``); writing validates the same way first, then writes atomically
 (sorted keys, indent 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.resources
 import json
 import logging
 import math
@@ -31,11 +35,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: np.dtype("bfloat16"))
+import jsonschema
 import numpy as np
 import onnx_ir as ir
 
 from graph_tools._io import atomic_file, read_json
-from graph_tools.adapters.files import ADAPTER_FORMATS
 from graph_tools.errors import AdapterError, PackageError, first_line as _one_line
 
 __all__ = [
@@ -198,20 +202,19 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
                     f"format_version {version} is newer than this lora-onnx reads ({FORMAT_VERSION}); upgrade lora-onnx"
                 )
             raise _Invalid(f"format_version: expected {FORMAT_VERSION}, got {version!r}")
-        fields = _fields(obj, Manifest, "manifest")
+        _schema_check(obj)
+        slots = [_parse_slot(item, f"slots[{i}]") for i, item in enumerate(obj["slots"])]
+        adapters = [_parse_adapter(item, f"adapters[{i}]") for i, item in enumerate(obj["adapters"])]
         manifest = Manifest(
             format_version=version,
-            graph_fingerprint=_str(fields["graph_fingerprint"], "graph_fingerprint"),
-            mode=_choice(fields["mode"], MODES, "mode"),
-            pack=_bool(fields["pack"], "pack"),
-            max_rank=_optional_int(fields["max_rank"], "max_rank", minimum=1),
-            slot_layout=_str(fields["slot_layout"], "slot_layout"),
-            slots=[_parse_slot(item, f"slots[{i}]") for i, item in enumerate(_list(fields["slots"], "slots"))],
-            adapters=[
-                _parse_adapter(item, f"adapters[{i}]")
-                for i, item in enumerate(_list(fields["adapters"], "adapters"))
-            ],
-            extra=dict(_mapping(fields["extra"], "extra")),
+            graph_fingerprint=obj["graph_fingerprint"],
+            mode=obj["mode"],
+            pack=obj["pack"],
+            max_rank=obj["max_rank"],
+            slot_layout=obj["slot_layout"],
+            slots=slots,
+            adapters=adapters,
+            extra=dict(obj["extra"]),
         )
         _unique([s.name for s in manifest.slots], "slots", "slot")
         _unique([a.name for a in manifest.adapters], "adapters", "adapter")
@@ -221,64 +224,70 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     return manifest
 
 
-def _parse_slot(data: Any, where: str) -> SlotSpec:
-    fields = _fields(_mapping(data, where), SlotSpec, where)
-    shape = _list(fields["shape"], f"{where}.shape")
-    for k, dim in enumerate(shape):
-        if isinstance(dim, bool) or not isinstance(dim, (int, str)) or (isinstance(dim, int) and dim < 0) or dim == "":
-            raise _Invalid(f"{where}.shape[{k}]: expected a size >= 0 or a dim name, got {dim!r}")
-    dtype = _str(fields["dtype"], f"{where}.dtype")
-    _numpy_dtype(dtype, f"{where}.dtype")
-    return SlotSpec(
-        name=_str(fields["name"], f"{where}.name"),
-        shape=list(shape),
-        dtype=dtype,
-        site=_str(fields["site"], f"{where}.site"),
-        role=_str(fields["role"], f"{where}.role"),
-        layout=_str(fields["layout"], f"{where}.layout"),
-    )
+def _parse_slot(obj: Mapping[str, Any], where: str) -> SlotSpec:
+    """A slot the schema accepted; the dtype must be one numpy knows."""
+    _numpy_dtype(obj["dtype"], f"{where}.dtype")
+    return SlotSpec(name=obj["name"], shape=list(obj["shape"]), dtype=obj["dtype"], site=obj["site"],
+                    role=obj["role"], layout=obj["layout"])
 
 
-def _parse_adapter(data: Any, where: str) -> AdapterSpec:
-    fields = _fields(_mapping(data, where), AdapterSpec, where)
-    file = _str(fields["file"], f"{where}.file")
+def _parse_adapter(obj: Mapping[str, Any], where: str) -> AdapterSpec:
+    """An adapter the schema accepted; its file must stay inside the package, its numbers finite."""
+    file = obj["file"]
     parts = PurePosixPath(file).parts
     if file.startswith(("/", "\\")) or ":" in file or ".." in parts or "\\" in file:
         raise _Invalid(f"{where}.file: {file!r} must be a relative path inside the package")
-    rank = fields["rank"]
-    if isinstance(rank, Mapping):
-        rank = {_str(k, f"{where}.rank key"): _int(v, f"{where}.rank[{k!r}]", minimum=0) for k, v in rank.items()}
-    else:
-        rank = _int(rank, f"{where}.rank", minimum=0)
-    alpha = fields["alpha"]
-    if isinstance(alpha, Mapping):
-        alpha = {_str(k, f"{where}.alpha key"): _float(v, f"{where}.alpha[{k!r}]") for k, v in alpha.items()}
-    else:
-        alpha = _float(alpha, f"{where}.alpha")
-    scale = {
-        _str(k, f"{where}.scale key"): _float(v, f"{where}.scale[{k!r}]")
-        for k, v in _mapping(fields["scale"], f"{where}.scale").items()
-    }
-    return AdapterSpec(
-        name=_str(fields["name"], f"{where}.name"),
-        file=file,
-        rank=rank,
-        alpha=alpha,
-        scale=scale,
-        source=_str(fields["source"], f"{where}.source", allow_empty=True),
-        format=_choice(fields["format"], ADAPTER_FORMATS, f"{where}.format"),
-    )
+    rank, alpha = obj["rank"], obj["alpha"]
+    alpha = {k: _finite(v, f"{where}.alpha[{k!r}]") for k, v in alpha.items()} if isinstance(alpha, Mapping) else _finite(alpha, f"{where}.alpha")
+    scale = {k: _finite(v, f"{where}.scale[{k!r}]") for k, v in obj["scale"].items()}
+    return AdapterSpec(name=obj["name"], file=file, rank=dict(rank) if isinstance(rank, Mapping) else rank,
+                       alpha=alpha, scale=scale, source=obj["source"], format=obj["format"])
 
 
-def _fields(obj: Mapping[str, Any], cls: type, where: str) -> Mapping[str, Any]:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for name in names:  # all fields, defaults included: write_manifest always writes every one
-        if name not in obj:
-            raise _Invalid(f"{where}: missing field {name!r}")
-    unknown = sorted(set(obj) - set(names))
-    if unknown:
+# JSON Schema (schemas/manifest.schema.json) does the structure; errors become one line naming the
+# field (``adapters[1].rank``), worded by the schema's ``x-expected``.
+_MAPS = ("rank", "alpha", "scale")  # fields whose keys are site names: shown as ``rank['q_proj']``
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    resource = importlib.resources.files("graph_tools.adapters").joinpath("schemas/manifest.schema.json")
+    return jsonschema.Draft202012Validator(json.loads(resource.read_text(encoding="utf-8")))
+
+
+def _schema_check(obj: Mapping[str, Any]) -> None:
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(obj))
+    if error is None:
+        return
+    while error.parent is not None and error.parent.validator == "anyOf" and not isinstance(error.parent.instance, Mapping):
+        error = error.parent  # "a size >= 0 or a dim name", not the branch best_match picked
+    if error.validator == "anyOf" and isinstance(error.instance, Mapping):  # a per-site map: its wrong entry
+        inner = [e for e in error.context if e.relative_schema_path[0] == len(error.schema["anyOf"]) - 1]
+        error = jsonschema.exceptions.best_match(inner) or error
+    where = _field_path(error.absolute_path)
+    if error.validator == "required":
+        missing = next(n for n in error.validator_value if n not in error.instance)
+        raise _Invalid(f"{where}: missing field {missing!r}")
+    if error.validator == "additionalProperties" and error.schema.get("additionalProperties") is False:
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         raise _Invalid(f"{where}: unknown field {unknown[0]!r}")
-    return obj
+    if error.validator == "type" and "object" in error.validator_value:
+        raise _Invalid(f"{where}: expected an object, got {type(error.instance).__name__}")
+    expected = error.schema.get("x-expected") or error.message
+    raise _Invalid(f"{where}: expected {expected}, got {error.instance!r}")
+
+
+def _field_path(path) -> str:
+    out, previous = "", None
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif previous in _MAPS:
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}" if out else part
+        previous = part
+    return out or "manifest"
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -287,44 +296,11 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, (list, tuple)):
-        raise _Invalid(f"{where}: expected a list, got {type(value).__name__}")
-    return list(value)
-
-
-def _str(value: Any, where: str, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or (not value and not allow_empty):
-        raise _Invalid(f"{where}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _int(value: Any, where: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _Invalid(f"{where}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _optional_int(value: Any, where: str, *, minimum: int) -> int | None:
-    return None if value is None else _int(value, where, minimum=minimum)
-
-
-def _float(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _finite(value: float, where: str) -> float:
+    """JSON has no NaN (reading refuses it), but a Manifest built in Python may hold one."""
+    if isinstance(value, bool) or not math.isfinite(value):
         raise _Invalid(f"{where}: expected a finite number, got {value!r}")
     return float(value)
-
-
-def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
-    if value not in choices:
-        raise _Invalid(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def _unique(names: list[str], where: str, what: str) -> None:
