@@ -6,10 +6,12 @@ What ``export_peft`` adds to ``torch.onnx.export(..., dynamo=True)``:
   ``base(x) + B(A(x)) * scale`` (PEFT's own forward is traced, so numerics are PEFT's);
 * each site's scale is its own initializer ``<module>.lora_scale.<adapter>`` (PEFT's float
   ``scaling`` turned into a buffer for the export), never one literal shared across sites;
-* weight initializers keep their PEFT state-dict names: base-weight transposes are folded into
-  the initializer under the original name (lazily, at save time), LoRA weights stay in PEFT's
-  layout behind a Transpose (cheap at rank r) so a PEFT checkpoint maps onto them 1:1;
-* LoRA nodes carry metadata ``lora_onnx.module`` / ``lora_onnx.adapter`` / ``lora_onnx.role``;
+* the graph edits after torch.onnx are onnx-ir passes (:mod:`exporters.passes`, one
+  ``ir.passes.Sequential``): weight initializers keep their PEFT state-dict names, base-weight
+  transposes are folded into the initializer under the original name (lazily, at save time), LoRA
+  weights stay in PEFT's layout behind a Transpose (cheap at rank r) so a PEFT checkpoint maps onto
+  them 1:1, onnxscript's optimizer runs without merging LoRA weights or scales, and LoRA nodes
+  carry metadata ``lora_onnx.module`` / ``lora_onnx.adapter`` / ``lora_onnx.role``;
 * unsupported tuners and variants (DoRA, LoHa, LoKr, ...) fail early with UnsupportedAdapterError.
 """
 
@@ -24,17 +26,17 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
 from graph_tools._io import save_model
 from graph_tools.errors import ExportError, NoLoraError, UnsupportedAdapterError, first_line
-from graph_tools.lora import META_ADAPTER, META_MODULE, META_ROLE, LoraSite, find_lora_sites
-from graph_tools.lora import naming
+from graph_tools.lora import LoraSite, naming
+from graph_tools.passes._base import run_passes
 from graph_tools.runtime.decoder import write_decoder_info
 
 from exporters import decoder
+from exporters.passes import export_passes
 
 __all__ = ["export_peft", "ExportResult", "lora_layers"]
 
@@ -128,14 +130,10 @@ def export_peft(
         write_decoder_info(ir_model, info)
     else:
         _refuse_unused_inputs(ir_model, model, names)
-    lora_params = _restore_names(ir_model, f"{_WRAP}.")
-    _fold_weight_transposes(ir_model, lora_params)
-    _optimize(ir_model, lora_params)
-    sites = find_lora_sites(ir_model)
-    _check_sites(sites, layers)
-    annotate_sites(ir_model, sites)
-    for node in ir_model.graph:  # stack traces hold the exporting machine's absolute paths
-        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+    expected = {(naming.strip_peft_prefix(name), a) for name, layer in layers for a in _layer_adapters(layer)}
+    passes, annotate = export_passes(f"{_WRAP}.", expected)  # names, transposes, optimizer, metadata
+    run_passes(ir_model, passes)
+    sites = annotate.sites
     ir_model.producer_name = "lora-onnx"
     external = _save(ir_model, output_path, external_data)
     logger.info("exported %d LoRA sites (%d adapters) to %s", len(sites), len(adapters), output_path)
@@ -328,118 +326,6 @@ def _default_axes(model, names, args) -> dict[str, dict[int, str]]:
         if name in _TEXT_INPUTS and value.dim() >= 2:
             axes[name] = {0: "batch", 1: "sequence"}
     return axes
-
-
-# -- graph post-processing -------------------------------------------------------------------
-def _restore_names(model: ir.Model, prefix: str) -> set[str]:
-    """Drop the wrapper prefix so initializers carry the model's state-dict names."""
-    lora: set[str] = set()
-    for value in list(model.graph.initializers.values()):
-        name = value.name or ""
-        if name.startswith(prefix):
-            model.graph.initializers.pop(name)
-            value.name = name[len(prefix) :]
-            model.graph.register_initializer(value)
-        if naming.parse_lora_weight_name(value.name) is not None:
-            lora.add(value.name)
-    return lora
-
-
-def _fold_weight_transposes(model: ir.Model, keep: set[str]) -> None:
-    """Transpose(W) -> W' for base weights, W' keeping W's name; the transpose runs at save time."""
-    graph = model.graph
-    for node in list(graph):
-        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
-            continue
-        src = node.inputs[0]
-        if src is None or not src.is_initializer() or src.name in keep or src.is_graph_input():
-            continue
-        if len(src.uses()) != 1 or src.const_value is None:
-            continue
-        perm = tuple(node.attributes.get_ints("perm", None) or reversed(range(len(src.shape))))
-        tensor = src.const_value
-        shape = ir.Shape([tensor.shape[i] for i in perm])
-        lazy = ir.LazyTensor(_transposer(tensor, perm), dtype=tensor.dtype, shape=shape, name=src.name)
-        name = src.name
-        out = node.outputs[0]
-        graph.initializers.pop(name)
-        folded = ir.Value(name=name, shape=shape, type=ir.TensorType(tensor.dtype), const_value=lazy)
-        folded.metadata_props["lora_onnx.transposed"] = ",".join(map(str, perm))
-        ir.convenience.replace_all_uses_with(out, folded)
-        graph.remove(node, safe=True)
-        graph.register_initializer(folded)
-
-
-def _transposer(tensor, perm):
-    def make():
-        array = tensor.numpy()
-        return ir.Tensor(np.ascontiguousarray(np.transpose(array, perm)), dtype=tensor.dtype)
-
-    return make
-
-
-def _optimize(model: ir.Model, lora_names: set[str]) -> None:
-    """onnxscript's optimizer, minus initializer deduplication (it would share the scales)."""
-    from onnxscript.optimizer import _constant_folding
-    from onnxscript import rewriter
-    from onnx_ir.passes import common as common_passes
-
-    def should_fold(node: ir.Node):
-        for value in node.inputs:
-            if value is not None and value.name in lora_names:
-                return False
-        return None
-
-    passes = ir.passes.Sequential(
-        common_passes.InlinePass(),
-        ir.passes.PassManager(
-            [
-                _constant_folding.FoldConstantsPass(
-                    shape_inference=True,
-                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
-                    should_fold=should_fold,
-                ),
-                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
-                common_passes.RemoveUnusedNodesPass(),
-                common_passes.RemoveUnusedFunctionsPass(),
-                common_passes.RemoveUnusedOpsetsPass(),
-            ],
-            steps=2,
-            early_stop=True,
-        ),
-        common_passes.RemoveUnusedNodesPass(),
-        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024),
-        common_passes.CommonSubexpressionEliminationPass(),
-        common_passes.OutputFixPass(),
-        common_passes.NameFixPass(),
-    )
-    passes(model)
-
-
-def _check_sites(sites: list[LoraSite], layers) -> None:
-    expected = {(naming.strip_peft_prefix(name), a) for name, layer in layers for a in _layer_adapters(layer)}
-    found = {s.key for s in sites}
-    missing = sorted(expected - found)
-    if missing:
-        raise ExportError(
-            f"{len(missing)} LoRA branches were not kept as branches in the exported graph "
-            f"(first: module {missing[0][0]!r}, adapter {missing[0][1]!r}); was lora_B all zeros "
-            "(folded away by the exporter)?"
-        )
-
-
-def annotate_sites(model: ir.Model, sites: list[LoraSite]) -> None:
-    """Write module/adapter/role metadata on every node of every site."""
-    for site in sites:
-        parts = site.require_parts(model.graph)
-        roles = [("lora_A", parts.a), ("lora_B", parts.b), *(("lora_scale", n) for n in parts.scales), ("lora_add", parts.add)]
-        for role, node in roles:
-            node.metadata_props[META_MODULE] = site.module
-            node.metadata_props[META_ADAPTER] = site.adapter
-            node.metadata_props[META_ROLE] = role
-        parts.base.metadata_props[META_MODULE] = site.module
-        parts.base.metadata_props[META_ROLE] = "base"
 
 
 def _save(model: ir.Model, path: Path, external_data: bool | None) -> str | None:

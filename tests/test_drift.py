@@ -1,6 +1,6 @@
 """Code we copied from libraries must not drift from them unnoticed.
 
-- exporters/peft_export.py ``_optimize`` copies onnxscript's ``optimize_ir`` pass list (minus the
+- exporters/passes.py ``optimizer_passes`` copies onnxscript's ``optimize_ir`` pass list (minus the
   passes that would merge our LoRA scales and weights). An onnxscript upgrade that changes that list
   fails here, loudly, until the copy is reviewed.
 - The PEFT rules we copied (pattern keys, variant fields, names, scaling) are compared with peft's
@@ -52,9 +52,9 @@ def _pass_calls_in(source: str) -> list[str]:
 
 
 def _our_optimize() -> str:
-    """Source of ``exporters.peft_export._optimize``, read without importing exporters (torch)."""
-    source = (ROOT / "exporters" / "peft_export.py").read_text()
-    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "_optimize")
+    """Source of ``exporters.passes.optimizer_passes``, read without importing exporters (torch)."""
+    source = (ROOT / "exporters" / "passes.py").read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "optimizer_passes")
     return ast.get_source_segment(source, node)
 
 
@@ -65,7 +65,7 @@ def test_onnxscript_optimizer_pass_list_is_the_one_we_copied():
     # optimize_ir builds the list, then prepends InlinePass: put it first as it runs
     upstream = ["InlinePass"] + [n for n in upstream if n != "InlinePass"]
     assert upstream == ONNXSCRIPT_OPTIMIZE_IR, (
-        "onnxscript changed optimize_ir's passes: review exporters/peft_export.py _optimize against it, "
+        "onnxscript changed optimize_ir's passes: review exporters/passes.py optimizer_passes against it, "
         "then update ONNXSCRIPT_OPTIMIZE_IR"
     )
 
