@@ -222,3 +222,35 @@ def test_front_door_is_two_commands():
         rule = makefile.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
         assert "$(VENV)/.setup-done" in rule.splitlines()[0], target
     assert "-m venv $(VENV)" in makefile and "sh scripts/setup.sh" in makefile
+
+
+def _pass_classes(tree: ast.Module) -> list[ast.ClassDef]:
+    """Concrete onnx-ir pass classes defined in a module (``LoraPass`` itself is the base)."""
+    def base_name(b):
+        return b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "")
+
+    return [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name != "LoraPass"
+            and any(base_name(b).endswith("Pass") for b in n.bases)]
+
+
+def test_pass_files_are_small_and_sketched():
+    """Every file defining a pass (graph_tools, exporters) is under ~250 lines and shows the graph
+    before and after in its docstring or the pass's."""
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "exporters").glob("*.py"))
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for cls in _pass_classes(tree):
+            found.append(cls.name)
+            text = ((ast.get_docstring(tree) or "") + (ast.get_docstring(cls) or "")).lower()
+            assert "before" in text and "after" in text, f"{path.relative_to(ROOT)}: {cls.name} has no before/after sketch"
+        if _pass_classes(tree):
+            assert len(path.read_text().splitlines()) <= 260, f"{path.relative_to(ROOT)} is over ~250 lines"
+    assert {"ReplaceLoraWithSlotsPass", "FoldAdapterPass", "StripSlotsPass", "PackSlotsPass", "RestoreNamesPass"} <= set(found)
+
+
+def test_exporter_passes_are_graph_work():
+    """exporters/passes.py (the exporter's graph edits) imports no torch/transformers/peft."""
+    path = ROOT / "exporters" / "passes.py"
+    heavy = [m for m, _, _ in _imports(path) if m.split(".")[0] in ("torch", "transformers", "peft")]
+    assert heavy == []
