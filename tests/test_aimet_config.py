@@ -79,3 +79,21 @@ def test_per_tensor_embeddings_stay_accurate(packages):
         f, q = fs.run(None, feeds, adapter=adapter)[0], qs.run(None, feeds, adapter=adapter)[0]
         cos = float((f * q).sum() / np.linalg.norm(f) / np.linalg.norm(q))
         assert cos > 0.999, (adapter, cos)
+
+
+def test_cli_per_tensor_embeddings(packages, tmp_path, capsys):
+    from graph_tools.cli import main
+
+    fpkg, _ = packages
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 64, (4, 8)), attention_mask=np.ones((4, 8), np.int64),
+             token_type_ids=np.zeros((4, 8), np.int64))
+    tables = {n.inputs[0].name for n in ir.load(fpkg.model_path).graph if n.op_type == "Gather" and n.inputs[0].is_initializer()}
+    for flag, kind in (([], "PER_CHANNEL"), (["--per-tensor-embeddings"], "PER_TENSOR")):
+        out = tmp_path / f"q{len(flag)}"
+        assert main(["quantize", str(fpkg.path), "-o", str(out), "--calibration", str(tmp_path / "calib.npz"), "-q", *flag]) == 0
+        info = json.loads((out / "manifest.json").read_text())["extra"]["quantization"]
+        assert info["per_row_embeddings"] is (not flag)
+        encodings = read_encodings(out / "encodings" / "base.encodings")
+        assert {encodings.param_encodings[t].enc_type for t in tables} == {kind}
+    capsys.readouterr()
