@@ -230,7 +230,8 @@ def _cmd_quantize(args) -> int:
                        lora_weights=args.lora_weights, per_channel=not args.per_tensor, activation_scope=args.activation_scope,
                        share_tolerance=args.share_tolerance, mixed_precision=args.mixed_precision,
                        calibration_method=args.method, encodings_version=args.encodings_version, block_size=args.block_size,
-                       concurrencies=concurrencies, per_row_embeddings=not args.per_tensor_embeddings)
+                       concurrencies=concurrencies, per_row_embeddings=not args.per_tensor_embeddings,
+                       aimet_placement=args.aimet_placement)
     q = package.manifest.extra["quantization"]
     wide = f", {len(q['activations_16bit'])} at 16 bits" if q["mixed_precision"] else ""
     combos = "".join(f"; concurrency {c['name']}" for c in q["concurrencies"])
@@ -336,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel base weights")
     p.add_argument("--per-tensor-embeddings", action="store_true",
                    help="one scale per embedding table instead of one per row (what aimet-onnx can load)")
+    p.add_argument("--aimet-placement", action="store_true",
+                   help="quantize what aimet-onnx's QuantizationSimModel quantizes, as it does (strict encodings load)")
     p.add_argument("--activation-scope", choices=["auto", "lora", "all"], default="auto",
                    help="auto: share an activation encoding where it fits every adapter, per adapter elsewhere")
     p.add_argument("--share-tolerance", type=float, default=0.25,

@@ -1,16 +1,25 @@
-"""The aimet-onnx quantsim config file under which our encodings load into AIMET as written.
+"""aimet-onnx compatibility: the quantsim config written with every package, and the placement rules
+``quantize(..., aimet_placement=True)`` follows so the encodings load with ``strict=True``.
 
 ``aimet_onnx.quantsim.load_encodings_to_sim(sim, "encodings/<name>.encodings")`` needs a
-``QuantizationSimModel`` of the same fp32 graph whose quantizers have the same names. AIMET's
-default config fuses ``MatMul -> Add(bias)`` into one Gemm (``supergroup_pass_list:
-["MatmulAdd"]``), so the MatMul outputs we encode (36 on MiniLM) are no tensors of its graph and
-the load is refused. The config written here (``encodings/aimet_config.json``) says what lora-onnx
-quantizes: no fusions and no supergroups (every op output keeps its own quantizer, as in our QDQ
-graph), symmetric per-channel weights, quantized model inputs. With it the files load with
-``strict=False`` and every entry applied, provided the embedding tables are per-tensor
-(``quantize(..., per_row_embeddings=False)``): AIMET has no per-channel quantizer for a Gather's
-table. ``strict=True`` still reports settings AIMET's own rules decide per op (see
-benchmarks/README.md, "AIMET load check").
+``QuantizationSimModel`` of the same fp32 graph whose quantizers have the same names and settings.
+
+* The config (``encodings/aimet_config.json``, :func:`aimet_config`): no fusions and no supergroups
+  (AIMET's default fuses ``MatMul -> Add(bias)`` into Gemm, so the MatMul outputs we encode would be
+  no tensors of its graph), symmetric per-channel weights, quantized model inputs, and normalization
+  scales/biases left float (as in our QDQ graph).
+* Always (every package): outputs of data-movement ops (:data:`UNQUANTIZED_OUTPUT_OPS`, aimet-onnx's
+  own list, not settable in its config) get no Q/DQ; they are their input, moved.
+* ``aimet_placement=True`` adds what aimet-onnx decides per op and no config key changes: constant
+  inputs of other ops (Add biases, embedding tables) are 16/8-bit asymmetric activations, a
+  MatMul's second input when it is not a weight (K, V) is symmetric (signed type), ``lora_scale``
+  is an unsigned activation-typed constant, and Constant-node outputs are quantized too. The fp32
+  graph to give AIMET keeps the LoRA slots as plain graph inputs (no initializer defaults), as in a
+  QNN LoRA flow: AIMET then treats A/B as inputs (16-bit symmetric per tensor, as we write them).
+  What then remains for ``strict=True`` are the tensors holding the attention-mask sentinel
+  (manifest ``float_activations``), which we keep float and AIMET quantizes; a config file cannot
+  name tensors, so disable those quantizers in the sim before loading (see benchmarks/README.md,
+  "AIMET load check").
 
 The config is validated against ``schemas/aimet_quantsim_config.schema.json`` (the subset of
 AIMET's config format we write) before it is written.
@@ -30,9 +39,17 @@ import jsonschema
 from graph_tools._io import atomic_file
 from graph_tools.errors import EncodingsError
 
-__all__ = ["AIMET_CONFIG_FILE", "aimet_config", "write_aimet_config", "validate_aimet_config"]
+__all__ = ["AIMET_CONFIG_FILE", "UNQUANTIZED_OUTPUT_OPS", "NORM_OPS", "aimet_config", "write_aimet_config",
+           "validate_aimet_config", "dynamic_weights"]
 
 AIMET_CONFIG_FILE = "aimet_config.json"
+#: ops whose outputs aimet-onnx never quantizes (``aimet_onnx.quantsim.op_outputs_to_ignore``)
+UNQUANTIZED_OUTPUT_OPS = frozenset({"Flatten", "Gather", "Reshape", "Shape", "Unsqueeze", "Squeeze", "Split",
+                                    "Compress", "Tile", "Transpose", "Identity"})
+#: normalizations whose scale/bias inputs aimet-onnx treats as parameters (left float by our config)
+NORM_OPS = frozenset({"LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
+                      "BatchNormalization"})
+_WEIGHT_INPUT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 def _flag(value: bool) -> str:
@@ -50,7 +67,8 @@ def aimet_config(*, per_channel: bool = True, symmetric_activations: bool = Fals
             "per_channel_quantization": _flag(per_channel),
         },
         "params": {"bias": {"is_quantized": "False"}},
-        "op_type": {},
+        "op_type": {op: {"params": {"weight": {"is_quantized": "False"}, "bias": {"is_quantized": "False"}}}
+                    for op in sorted(NORM_OPS)},
         "supergroup_pass_list": [],
         "supergroups": [],
         "model_input": {"is_input_quantized": "True"},
@@ -58,6 +76,25 @@ def aimet_config(*, per_channel: bool = True, symmetric_activations: bool = Fals
     }
     validate_aimet_config(config)
     return config
+
+
+def _through_moves(value):
+    """The tensor whose values ``value`` moves (back through :data:`UNQUANTIZED_OUTPUT_OPS`)."""
+    while value is not None and value.producer() is not None and value.producer().op_type in UNQUANTIZED_OUTPUT_OPS:
+        value = value.producer().inputs[0]
+    return value
+
+
+def dynamic_weights(model, activations) -> set[str]:
+    """Activations that reach a MatMul/Gemm/Conv as its second input (a weight that is not a
+    constant, e.g. attention K and V): aimet-onnx quantizes them symmetric."""
+    acts, out = set(activations), set()
+    for node in model.graph:
+        if node.op_type in _WEIGHT_INPUT_OPS and len(node.inputs) > 1:
+            value = _through_moves(node.inputs[1])
+            if value is not None and value.name in acts:
+                out.add(value.name)
+    return out
 
 
 def validate_aimet_config(config: Any) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from graph_tools._feeds import check_feeds, input_specs
@@ -91,18 +91,23 @@ def _feed(item, k: int) -> dict[str, np.ndarray]:
 
 def session_with_outputs(model_path: Path, names: Iterable[str]) -> ort.InferenceSession:
     """An unoptimized ORT session of ``model_path`` whose outputs also include ``names``
-    (intermediate tensors). Only the graph is serialized; ORT reads the weights from the model's
-    own external data folder."""
-    proto = onnx.load(str(model_path), load_external_data=False)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
+    (intermediate tensors). The graph is loaded with onnx-ir (weights stay external, unread) and
+    serialized; ORT reads the weights from the model's own external data folder."""
+    model = load_graph_file(model_path)
+    graph = model.graph
+    values = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for node in graph for v in node.outputs if v.name})
+    existing = {o.name for o in graph.outputs}
+    for name in dict.fromkeys(names):
         if name not in existing:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            if name not in values:
+                raise QuantizationError(f"tensor {name!r} not found in {model_path.name}")
+            graph.outputs.append(values[name])
     options = ort.SessionOptions()
     options.log_severity_level = 4  # ORT's own error lines stay off stderr: failures are raised as ours
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def collect_ranges(model_path: Path, tensors: list[str], runs: Mapping[str | None, Mapping[str, np.ndarray]],

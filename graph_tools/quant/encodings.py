@@ -68,7 +68,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import jsonschema
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -104,10 +103,9 @@ EncType = Literal["PER_TENSOR", "PER_CHANNEL", "PER_BLOCK"]
 QType = str | np.dtype | type | ir.DataType
 
 _FLOAT_BITWIDTHS = (16, 32)
-_NUMPY_QTYPES: dict[str, Any] = {
-    "int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8,
-    "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32,
-}  # fmt: skip
+#: the ONNX integer types an int encoding maps to (ir.DataType gives their numpy dtypes)
+_ONNX_QTYPES = {t.name.lower(): t for t in (ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8,
+                                            ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +231,9 @@ def to_quantize_linear(
     """
     scale, zp, signed, axis, block_size = _onnx_arrays(encoding, axis=axis, weight_shape=weight_shape)
     qtype = f"{'' if signed else 'u'}int{encoding.bitwidth}"
-    if qtype not in _NUMPY_QTYPES:
+    if qtype not in _ONNX_QTYPES:
         raise EncodingsError(f"tensor {encoding.name!r}: no ONNX type for {qtype}")
-    return QuantizeLinearParams(scale.astype(np.float32), zp.astype(_NUMPY_QTYPES[qtype]), axis, block_size)
+    return QuantizeLinearParams(scale.astype(np.float32), zp.astype(_ONNX_QTYPES[qtype].numpy()), axis, block_size)
 
 
 def _from_onnx_arrays(

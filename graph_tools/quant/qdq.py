@@ -1,212 +1,227 @@
-"""QDQ graph building: quantized weights, activation Q/DQ pairs, quantized LoRA slots.
+"""QDQ insertion as onnx-ir passes: quantized weights, activation Q/DQ pairs, quantized LoRA slots.
 
-Used by :func:`graph_tools.quant.quantize`; the decisions (which encodings, which bit widths)
-are made there and in :mod:`graph_tools.quant.scope`.
+:func:`graph_tools.quant.quantize` decides what to quantize and how (encodings, bit widths: there
+and in :mod:`graph_tools.quant.scope`), then runs the three passes here as one
+``ir.passes.Sequential``; each pass records the encodings it wrote (``.encodings``). One site::
+
+    before:  x -> MatMul(W) ---------------------------------------> Add -> y
+             x -> MatMul(A slot) -> MatMul(B slot) -> Mul(s slot) ---^
+    after:   W = DequantizeLinear(W_quantized, W.scale, 0)            (QuantizeWeightsPass)
+             A = DequantizeLinear(A_quantized input, A.scale input)   (QuantizeSlotsPass; B, s alike)
+             y -> QuantizeLinear -> DequantizeLinear -> every use of y (ActivationQdqPass; scale and
+                  zero point constants when shared, graph inputs fed by each adapter file when not)
+
+Scale/zero-point math: :mod:`graph_tools.quant.scales`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
 
 from graph_tools.errors import QuantizationError
+from graph_tools.passes._base import LoraPass
 from graph_tools.quant import encodings as enc
+from graph_tools.quant.scales import act_params, quantize_array, quantize_asymmetric, quantize_blockwise
 
-__all__ = ["QdqBuilder", "quantize_per_tensor"]
-
-
-def quantize_per_tensor(x: np.ndarray, qtype) -> tuple[np.ndarray, float]:
-    """Symmetric per-tensor quantization (zero point 0): ``(quantized, scale)``."""
-    qmax = np.iinfo(qtype).max
-    amax = float(np.max(np.abs(x))) if x.size else 0.0
-    scale = amax / qmax if amax > 0 else 1.0
-    return np.clip(np.round(x / scale), -qmax, qmax).astype(qtype), scale
+__all__ = ["WeightQ", "ActQdq", "QuantizeWeightsPass", "ActivationQdqPass", "QuantizeSlotsPass"]
 
 
+class _QdqPass(LoraPass):
+    """Shared helpers; ``encodings``: what the last run wrote, in order."""
 
-class QdqBuilder:
-    """Adds QuantizeLinear/DequantizeLinear pairs and quantized weights to one graph, in place.
+    def __init__(self):
+        super().__init__()
+        self.encodings: list[enc.TensorEncoding] = []
 
-    Activations get ``value -> Q -> DQ`` (every consumer reads the DQ output); their scale and
-    zero point are constants (a shared encoding) or graph inputs with defaults (an encoding each
-    adapter file feeds). Weights become ``DequantizeLinear(quantized initializer)`` under their
-    own name; LoRA slots become quantized graph inputs plus a scale input.
-    """
-
-    def __init__(self, model: ir.Model, symmetric: bool):
-        self.model = model
-        self.graph = model.graph
-        self.symmetric = symmetric
-        self._counter = 0
-        self._pending: list[ir.Node] = []
-        self._values = {v.name: v for v in model.graph.inputs}
-        for node in model.graph:
-            for v in node.outputs:
-                self._values.setdefault(v.name, v)
-
-    def _const(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array, name=name))
-        self.graph.register_initializer(value)
-        return value
-
-    def _input(self, name: str, array: np.ndarray, shape) -> ir.Value:
+    @staticmethod
+    def _const(graph: ir.Graph, name: str, array: np.ndarray, *, as_input_shape=None) -> ir.Value:
+        shape = array.shape if as_input_shape is None else as_input_shape
         value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                          const_value=ir.tensor(array, name=name))
-        self.graph.inputs.append(value)
-        self.graph.register_initializer(value)
+        if as_input_shape is not None:
+            graph.inputs.append(value)  # an input with a default: fed per run (adapter files)
+        graph.register_initializer(value)
         return value
 
-    def act_params(self, lo: float, hi: float, qtype) -> tuple[float, int]:
-        """Scale and zero point of range [lo, hi] (widened to include 0) in ``qtype``."""
-        info = np.iinfo(qtype)
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        if self.symmetric or info.min < 0:
-            amax = max(abs(lo), abs(hi))
-            scale = amax / info.max if amax > 0 else 1.0
-            zp = 0 if info.min < 0 else (info.max + 1) // 2
-            return float(scale), int(zp)
-        scale = (hi - lo) / (info.max - info.min) if hi > lo else 1.0
-        zp = int(np.clip(round(info.min - lo / scale), info.min, info.max))
-        return float(scale), zp
+    @staticmethod
+    def _scalar(graph: ir.Graph, tag: str, value: ir.Value) -> tuple[ir.Node, ir.Value]:
+        """``Reshape(value [1], [])``: a fed [1] scale or zero point as the scalar Q/DQ expect."""
+        shape0 = _QdqPass._const(graph, f"{tag}.scalar_shape", np.array([], np.int64)) \
+            if f"{tag}.scalar_shape" not in graph.initializers else graph.initializers[f"{tag}.scalar_shape"]
+        node = ir.Node("", "Reshape", [value, shape0], name=f"qdq/{tag}/Reshape_{value.name}")
+        return node, node.outputs[0]
 
-    def insert_act_qdq(self, name: str, lo: float, hi: float, qtype, *, as_inputs: bool):
-        """Q -> DQ on activation ``name`` with range [lo, hi]; ``as_inputs``: scale and zero point
-        are graph inputs (defaults: this range) named ``<name>.act_scale`` / ``.act_zero_point``."""
-        self._pending = []
-        value = self._find_value(name)
-        scale, zp = self.act_params(lo, hi, qtype)
-        if as_inputs:
-            s_in = self._input(f"{name}.act_scale", np.array([scale], np.float32), [1])
-            z_in = self._input(f"{name}.act_zero_point", np.array([zp], qtype), [1])
-            shape0 = self._const(f"{name}.act_scalar_shape", np.array([], np.int64))
-            s = self._node("Reshape", [s_in, shape0], name)
-            z = self._node("Reshape", [z_in, shape0], name)
-        else:
-            s = self._const(f"{name}.act_scale", np.array(scale, np.float32))
-            z = self._const(f"{name}.act_zero_point", np.array(zp, qtype))
-        self._wrap(value, s, z)
-        e = enc.from_quantize_linear(name, np.float32(scale), np.array(zp, qtype))
-        return (s_in.name, z_in.name, e) if as_inputs else e
+    @staticmethod
+    def _take_place(old: ir.Value, new: ir.Value, name: str) -> None:
+        """Every use of ``old`` reads ``new``, which takes ``old``'s name, type and shape."""
+        ir.convenience.replace_all_uses_with(old, new)
+        new.shape, new.type = old.shape, old.type
+        new.name = name
 
-    def _node(self, op, inputs, tag, attributes=None):
-        self._counter += 1
-        node = ir.Node("", op, inputs, attributes=attributes or [], name=f"qdq/{tag}/{op}_{self._counter}")
-        self._pending.append(node)
-        return node.outputs[0]
 
-    def _find_value(self, name: str) -> ir.Value:
-        value = self._values.get(name)
-        if value is not None:
-            return value
-        raise QuantizationError(f"tensor {name!r} not found in the graph")
+@dataclasses.dataclass(frozen=True)
+class WeightQ:
+    """One constant to quantize: symmetric per tensor, per ``axis`` or int4 per ``block`` along
+    ``axis``; ``symmetric=False``: asymmetric per tensor over its own range (as an activation)."""
 
-    def _wrap(self, value: ir.Value, scale: ir.Value, zp: ir.Value) -> None:
-        """value -> Q -> DQ; every consumer (and graph output) reads the DQ output, named as value."""
+    name: str
+    qtype: ir.DataType
+    axis: int | None = None
+    block: int | None = None
+    symmetric: bool = True
+
+
+class QuantizeWeightsPass(_QdqPass):
+    """Float initializers -> ``DequantizeLinear(<name>_quantized, <name>.scale, zero point)`` under their name."""
+
+    def __init__(self, weights: list[WeightQ]):
+        super().__init__()
+        self.weights = weights
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.encodings = []
+        graph = model.graph
+        first = next(iter(graph))
+        for wq in self.weights:
+            name, axis, block = wq.name, wq.axis, wq.block
+            value = graph.initializers.get(name)
+            if value is None or value.const_value is None:
+                raise QuantizationError(f"weight {name!r} is not an initializer of the graph")
+            w = value.const_value.numpy()
+            attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
+            zp = None
+            if block:
+                qw, scale = quantize_blockwise(w, block, axis)
+                attrs.append(ir.AttrInt64("block_size", block))
+            elif not wq.symmetric:
+                qw, scale, zp = quantize_asymmetric(w, wq.qtype)
+            else:
+                qw, scale = quantize_array(w, wq.qtype, axis)
+            if zp is None:
+                zp = np.zeros(scale.shape, qw.dtype)
+            inputs = [self._const(graph, f"{name}_quantized", qw), self._const(graph, f"{name}.scale", scale),
+                      self._const(graph, f"{name}.zero_point", zp)]
+            dq = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=f"qdq/{name}/DQ")
+            graph.insert_before(first, dq)
+            del graph.initializers[name]
+            self._take_place(value, dq.outputs[0], name)
+            self.encodings.append(enc.from_quantize_linear(name, scale, zp, axis=axis, block_size=block))
+        return ir.passes.PassResult(model, modified=bool(self.weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQdq:
+    """One activation Q/DQ: tensor, range, type; ``as_inputs``: scale and zero point are graph
+    inputs ``<name>.act_scale`` / ``<name>.act_zero_point`` (defaults: this range) fed per adapter."""
+
+    name: str
+    lo: float
+    hi: float
+    qtype: ir.DataType
+    as_inputs: bool = False
+
+
+class ActivationQdqPass(_QdqPass):
+    """``value -> QuantizeLinear -> DequantizeLinear``; every consumer (and graph output) reads the DQ.
+
+    ``inputs``: tensor -> (scale input, zero-point input) for the ``as_inputs`` activations.
+    """
+
+    def __init__(self, activations: list[ActQdq], symmetric: bool = False):
+        super().__init__()
+        self.activations = activations
+        self.symmetric = symmetric
+        self.inputs: dict[str, tuple[str, str]] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.encodings, self.inputs = [], {}
+        graph = model.graph
+        values = {v.name: v for v in graph.inputs}
+        values.update({v.name: v for node in graph for v in node.outputs if v.name not in values})
+        for a in self.activations:
+            value = values.get(a.name)
+            if value is None:
+                raise QuantizationError(f"tensor {a.name!r} not found in the graph")
+            scale, zp = act_params(a.lo, a.hi, a.qtype, self.symmetric)
+            zp_np = np.array(zp, a.qtype.numpy())
+            pre: list[ir.Node] = []
+            if a.as_inputs:
+                s_in = self._const(graph, f"{a.name}.act_scale", np.array([scale], np.float32), as_input_shape=[1])
+                z_in = self._const(graph, f"{a.name}.act_zero_point", zp_np.reshape(1), as_input_shape=[1])
+                (sn, s), (zn, z) = self._scalar(graph, a.name, s_in), self._scalar(graph, a.name, z_in)
+                pre = [sn, zn]
+                self.inputs[a.name] = (s_in.name, z_in.name)
+            else:
+                s = self._const(graph, f"{a.name}.act_scale", np.array(scale, np.float32))
+                z = self._const(graph, f"{a.name}.act_zero_point", zp_np)
+            self._wrap(graph, value, s, z, pre)
+            self.encodings.append(enc.from_quantize_linear(a.name, np.float32(scale), zp_np))
+        return ir.passes.PassResult(model, modified=bool(self.activations))
+
+    @staticmethod
+    def _wrap(graph: ir.Graph, value: ir.Value, scale: ir.Value, zp: ir.Value, pre: list[ir.Node]) -> None:
         uses = list(value.uses())
-        pending = self._pending
-        self._pending = []
         qn = ir.Node("", "QuantizeLinear", [value, scale, zp], name=f"qdq/{value.name}/Q")
         dq = ir.Node("", "DequantizeLinear", [qn.outputs[0], scale, zp], name=f"qdq/{value.name}/DQ")
         producer = value.producer()
-        new_nodes = pending + [qn, dq]
         if producer is None:
-            self.graph.insert_before(next(iter(self.graph)), new_nodes)
+            graph.insert_before(next(iter(graph)), [*pre, qn, dq])
         else:
-            self.graph.insert_after(producer, new_nodes)
+            graph.insert_after(producer, [*pre, qn, dq])
         for use in uses:
             use.node.replace_input_with(use.idx, dq.outputs[0])
         original = value.name
         qn.outputs[0].name = f"{original}_quantized"
         dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
         if value.is_graph_output():
-            for i, o in enumerate(self.graph.outputs):
+            for i, o in enumerate(graph.outputs):
                 if o is value:
-                    self.graph.outputs[i] = dq.outputs[0]
+                    graph.outputs[i] = dq.outputs[0]
             value.name = f"{original}_prequant"
             dq.outputs[0].name = original
         else:
             dq.outputs[0].name = f"{original}_dequant"
 
-    def quantize_weight(self, value: ir.Value, qtype, axis: int | None):
-        self._pending = []
-        w = value.const_value.numpy().astype(np.float32)
-        qmax = np.iinfo(qtype).max
-        if axis is None:
-            amax = np.array(np.max(np.abs(w)))
-        else:
-            amax = np.max(np.abs(w), axis=tuple(i for i in range(w.ndim) if i != axis))
-        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-        shape = [1] * w.ndim
-        if axis is not None:
-            shape[axis] = -1
-        qw = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(qtype)
-        attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
-        self._dequantized_weight(value, qw, scale, attrs)
-        return enc.from_quantize_linear(value.name, scale, np.zeros(scale.shape, qtype), axis=axis)
 
-    def _dequantized_weight(self, value: ir.Value, quantized: np.ndarray, scale: np.ndarray, attrs) -> None:
-        """Replace float initializer ``value`` by DequantizeLinear(quantized, scale, 0) under its name."""
-        name = value.name
-        qv = self._const(f"{name}_quantized", quantized)
-        s = self._const(f"{name}.scale", scale)
-        z = self._const(f"{name}.zero_point", np.zeros(scale.shape, quantized.dtype))
-        dq = ir.Node("", "DequantizeLinear", [qv, s, z], attributes=attrs, name=f"qdq/{name}/DQ")
-        self.graph.insert_before(next(iter(self.graph)), dq)
-        ir.convenience.replace_all_uses_with(value, dq.outputs[0])
-        del self.graph.initializers[name]
-        dq.outputs[0].name = name
-        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
+class QuantizeSlotsPass(_QdqPass):
+    """Float slot inputs -> ``<slot>_quantized`` + ``<slot>.scale`` inputs -> DequantizeLinear -> old uses.
 
-    def quantize_weight_blockwise(self, value: ir.Value, block: int, channel_axis: int | None):
-        """int4 symmetric, one scale per ``block`` inputs per output channel (2-D MatMul/Gemm weights).
+    Defaults are rank-1 zeros, not rank 0: ORT's fused 8-bit kernels (QLinearMatMul) do not
+    zero-fill an empty inner dimension; a zero row is exact in any type. ``inputs``: per slot,
+    ``{"q": quantized input, "scale": scale input}``; ``encodings``: the defaults' (scale 1).
+    """
 
-        Other weights (conv kernels, embedding tables) or an input size not divisible by the
-        block fall back to int8 per-channel.
-        """
-        import ml_dtypes
+    def __init__(self, slots, qtypes: dict[str, ir.DataType]):
+        super().__init__()
+        self.slots = list(slots)
+        self.qtypes = qtypes
+        self.inputs: list[dict[str, str]] = []
 
-        w = value.const_value.numpy().astype(np.float32)
-        if w.ndim != 2 or channel_axis not in (0, 1):
-            return self.quantize_weight(value, np.int8, channel_axis)
-        axis = 1 - channel_axis  # the input (reduction) axis carries the blocks
-        if w.shape[axis] % block:
-            return self.quantize_weight(value, np.int8, channel_axis)
-        self._pending = []
-        moved = np.moveaxis(w, axis, 0)  # [in, out]
-        blocks = moved.reshape(moved.shape[0] // block, block, moved.shape[1])
-        amax = np.abs(blocks).max(axis=1)  # [in/B, out]
-        scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
-        q = np.clip(np.round(blocks / scale[:, None, :]), -8, 7).reshape(moved.shape)
-        q = np.moveaxis(q, 0, axis)
-        scale = np.moveaxis(scale, 0, axis)  # blocks along `axis`
-        attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block)]
-        self._dequantized_weight(value, q.astype(ml_dtypes.int4), scale, attrs)
-        return enc.from_quantize_linear(value.name, scale, np.zeros(scale.shape, ml_dtypes.int4), axis=axis, block_size=block)
-
-    def quantize_slot(self, slot, qtype) -> dict[str, str]:
-        """Float slot input -> quantized input + scale input -> DequantizeLinear -> old uses."""
-        self._pending = []
-        old = self._find_value(slot.name)
-        shape = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else d) for d in old.shape]
-        # default: rank 1 of zeros, not rank 0 -- ORT's fused quantized kernels (e.g. QLinearMatMul
-        # for 8-bit QDQ) do not zero-fill an empty inner dimension; a zero row is exact in any type.
-        zero_shape = [1 if isinstance(d, str) else d for d in shape]
-        q_in = self._input(f"{slot.name}_quantized", np.zeros(zero_shape, qtype), shape)
-        s_in = self._input(f"{slot.name}.scale", np.ones([1], np.float32), [1])
-        shape0 = self._const(f"{slot.name}.scalar_shape", np.array([], np.int64))
-        zp = self._const(f"{slot.name}.zero_point", np.zeros((), qtype))
-        s = self._node("Reshape", [s_in, shape0], slot.name)
-        dq = ir.Node("", "DequantizeLinear", [q_in, s, zp], name=f"qdq/{slot.name}/DQ")
-        self.graph.insert_before(next(iter(self.graph)), self._pending + [dq])
-        self._pending = []
-        ir.convenience.replace_all_uses_with(old, dq.outputs[0])
-        self.graph.inputs.remove(old)
-        del self.graph.initializers[slot.name]
-        old.name = f"{slot.name}_float_slot"
-        dq.outputs[0].name = slot.name
-        dq.outputs[0].shape, dq.outputs[0].type = old.shape, old.type
-        return {"q": q_in.name, "scale": s_in.name}
-
-    def default_lora_param_encodings(self, slots, qtype):
-        return [enc.from_quantize_linear(s.name, np.float32(1.0), np.zeros((), qtype)) for s in slots]
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.encodings, self.inputs = [], []
+        graph = model.graph
+        first = next(iter(graph))
+        by_name = {v.name: v for v in graph.inputs}
+        for slot in self.slots:
+            npq = self.qtypes[slot.name].numpy()
+            old = by_name.get(slot.name)
+            if old is None:
+                raise QuantizationError(f"slot {slot.name!r} is not a graph input")
+            shape = [d if isinstance(d, int) else getattr(d, "value", d) for d in old.shape]
+            zero_shape = [1 if isinstance(d, str) else d for d in shape]
+            q_in = self._const(graph, f"{slot.name}_quantized", np.zeros(zero_shape, npq), as_input_shape=shape)
+            s_in = self._const(graph, f"{slot.name}.scale", np.ones([1], np.float32), as_input_shape=[1])
+            zp = self._const(graph, f"{slot.name}.zero_point", np.zeros((), npq))
+            sn, s = self._scalar(graph, slot.name, s_in)
+            dq = ir.Node("", "DequantizeLinear", [q_in, s, zp], name=f"qdq/{slot.name}/DQ")
+            graph.insert_before(first, [sn, dq])
+            graph.inputs.remove(old)
+            del graph.initializers[slot.name]
+            self._take_place(old, dq.outputs[0], slot.name)
+            old.name = f"{slot.name}_float_slot"
+            self.inputs.append({"q": q_in.name, "scale": s_in.name})
+            self.encodings.append(enc.from_quantize_linear(slot.name, np.float32(1.0), np.zeros((), npq)))
+        return ir.passes.PassResult(model, modified=bool(self.slots))

@@ -42,13 +42,17 @@ from graph_tools.lora import find_lora_sites
 from graph_tools.quant import aimet, encodings as enc
 from graph_tools.quant import scope as sc
 from graph_tools.quant.calibrate import collect_errors, collect_ranges, iter_calibration
-from graph_tools.quant.qdq import QdqBuilder, quantize_per_tensor
+from graph_tools.passes._base import run_passes
+from graph_tools.quant.qdq import ActivationQdqPass, ActQdq, QuantizeSlotsPass, QuantizeWeightsPass, WeightQ
+from graph_tools.quant.scales import act_params, quantize_per_tensor
 
 __all__ = ["quantize", "CONCURRENCY_SEPARATOR"]
 
 logger = logging.getLogger(__name__)
 
-_QTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
+_QTYPES = {"int8": ir.DataType.INT8, "uint8": ir.DataType.UINT8, "int16": ir.DataType.INT16, "uint16": ir.DataType.UINT16}
+_SIGNED = {ir.DataType.UINT8: ir.DataType.INT8, ir.DataType.UINT16: ir.DataType.INT16}
+_UNSIGNED = {ir.DataType.INT8: ir.DataType.UINT8, ir.DataType.INT16: ir.DataType.UINT16}
 _WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
 _SKIP_ACT_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "QuantizeLinear", "DequantizeLinear", "Range"}
 #: a declared concurrency's file name: adapter names joined, in sorted order ("a+b")
@@ -75,6 +79,7 @@ def quantize(
     concurrencies: Iterable[Iterable[str]] | None = None,
     block_size: int = 32,
     per_row_embeddings: bool = True,
+    aimet_placement: bool = False,
 ) -> AdapterPackage:
     """Quantize a float adapter package into a QDQ adapter package (see module docstring).
 
@@ -85,6 +90,9 @@ def quantize(
     ``shared_activations``, ``adapter_dependent_activations`` with ``per_adapter_reasons``,
     ``activations_16bit``, ``concurrencies``). ``per_row_embeddings=False`` quantizes embedding
     tables (Gather) per tensor, as aimet-onnx can load them (:mod:`graph_tools.quant.aimet`).
+    ``aimet_placement=True`` quantizes what aimet-onnx's ``QuantizationSimModel`` quantizes, as it
+    does, so the files load with ``strict=True`` (see :mod:`graph_tools.quant.aimet`; implies
+    per-tensor embedding tables).
     """
     _check_types(weights, activations, lora_weights, activation_scope, encodings_version, mixed_precision)
     _check_number("share_tolerance", share_tolerance)
@@ -103,6 +111,8 @@ def quantize(
         package.adapter_path(name)
     combos = _check_concurrencies(concurrencies, chosen)
     act_q = _QTYPES[activations]
+    if aimet_placement:
+        per_row_embeddings = False
     if mixed_precision not in (None, "none") and act_q not in sc.WIDER:
         raise QuantizationError(f"mixed_precision={mixed_precision!r} needs 8-bit activations, not {activations}")
     feeds = iter_calibration(calibration)
@@ -122,47 +132,60 @@ def quantize(
     lora_acts = _lora_activations(model, sites)
     _fill_missing_dtypes(model, package.model_path)
     acts = _activations(model, slot_names)
+    base_weights = list(_base_weights(model, slot_names, per_row_embeddings))
+    constants = _constant_inputs(model, slot_names, {v.name for v, _ in base_weights}) if aimet_placement else []
     runs = {None: None, **slot_feeds}
     ranges = collect_ranges(package.model_path, acts, runs, feeds, method=calibration_method)
     # tensors holding attention-mask sentinels (-inf / finfo.min) cannot share a scale with real
     # values: one code step would swallow every score. They stay float (listed in the manifest).
     unquantizable = sorted(a for a in acts if any(not _sane(*r.get(a)) for r in ranges.values()))
     acts = [a for a in acts if a not in set(unquantizable)]
+    constant_outputs = {}  # aimet_placement: Constant-node outputs, quantized over their own value
+    if aimet_placement:
+        for name, (lo, hi) in _constant_outputs(model).items():
+            if _sane(lo, hi):
+                constant_outputs[name] = (lo, hi)
+            else:
+                unquantizable.append(name)
     sharing = sc.share_activations(acts, ranges, scope=activation_scope, tolerance=share_tolerance, lora=lora_acts)
     per_adapter = set(sharing.per_adapter)
 
-    q = QdqBuilder(model, symmetric_activations)
-    wide = _wide_activations(mixed_precision, mixed_error, model, acts, sharing, ranges, runs, feeds, package, q, act_q)
+    sym = symmetric_activations
+    wide = _wide_activations(mixed_precision, mixed_error, model, acts, sharing, ranges, runs, feeds, package, sym, act_q)
     act_types = {name: (sc.WIDER[act_q] if name in wide else act_q) for name in acts}
+    if aimet_placement:  # aimet-onnx: a MatMul's second input (a dynamic weight) is symmetric
+        act_types.update({name: _SIGNED.get(act_types[name], act_types[name]) for name in aimet.dynamic_weights(model, acts)})
 
     base_enc = enc.Encodings()
     # base weights
     if weights == "int4" and (not isinstance(block_size, int) or block_size < 2 or block_size % 2):
         raise QuantizationError(f"block_size must be an even integer >= 2, not {block_size!r}")
-    for value, axis in _base_weights(model, slot_names, per_row_embeddings):
-        if axis is None:
-            e = q.quantize_weight(value, _QTYPES["int8"], None)
-        elif weights == "int4":
-            e = q.quantize_weight_blockwise(value, block_size, axis)
-        else:
-            e = q.quantize_weight(value, _QTYPES[weights], axis if per_channel else None)
-        base_enc.add(e, param=True)
+    plan = [_weight_plan(value, axis, weights, per_channel, block_size) for value, axis in base_weights]
+    if aimet_placement:  # embedding tables and constant inputs are activations to aimet-onnx
+        tables = {v.name for v, axis in base_weights if axis is None}
+        plan = [WeightQ(w.name, act_q, symmetric=False) if w.name in tables else w for w in plan]
+        plan += [WeightQ(name, act_q, symmetric=False) for name in constants]
+    weight_pass = QuantizeWeightsPass(plan)
     # activations: shared ones are constants; per-adapter ones are inputs defaulting to the base range
-    act_slots: list[tuple[str, str, str]] = []  # (tensor, scale input, zero-point input)
-    for name in acts:
-        if name in per_adapter:
-            lo, hi = ranges[None].get(name)
-            scale_in, zp_in, e = q.insert_act_qdq(name, lo, hi, act_types[name], as_inputs=True)
-            act_slots.append((name, scale_in, zp_in))
-        else:
-            e = q.insert_act_qdq(name, *sharing.shared[name], act_types[name], as_inputs=False)
-        base_enc.add(e)
-    # LoRA slots
+    act_pass = ActivationQdqPass([ActQdq(name, *ranges[None].get(name), act_types[name], as_inputs=True) if name in per_adapter
+                                  else ActQdq(name, *sharing.shared[name], act_types[name]) for name in acts]
+                                 + [ActQdq(name, lo, hi, act_q) for name, (lo, hi) in constant_outputs.items()], symmetric=sym)
     lora_q = _QTYPES[lora_weights]
-    quant_slots = [q.quantize_slot(s, lora_q) for s in man.slots]
+    slot_types = {s.name: lora_q for s in man.slots}
+    if aimet_placement:  # lora_scale: an activation-typed constant to aimet-onnx (unsigned; scales are >= 0)
+        slot_types.update({s.name: _UNSIGNED[lora_q] for s in man.slots if s.role == "lora_scale"
+                           and all(np.min(f[s.name], initial=0.0) >= 0 for f in slot_feeds.values())})
+    slot_pass = QuantizeSlotsPass(man.slots, slot_types)
+    run_passes(model, weight_pass, act_pass, slot_pass)
+    for e in weight_pass.encodings:
+        base_enc.add(e, param=True)
+    for e in act_pass.encodings:
+        base_enc.add(e)
+    act_slots = [(name, *act_pass.inputs[name]) for name in acts if name in per_adapter]  # (tensor, scale in, zp in)
+    quant_slots = slot_pass.inputs
 
     opset = model.opset_imports.get("", 17)
-    sixteen = any(t in (np.int16, np.uint16) for t in (*act_types.values(), lora_q))
+    sixteen = any(t.bitwidth == 16 for t in (*act_types.values(), lora_q))
     if (weights == "int4" or sixteen) and opset < 21:
         _raise_opset(model, 21)
 
@@ -175,31 +198,32 @@ def quantize(
         for e in base_enc.param_encodings.values():
             a_enc.add(e, param=True)
         for slot, qs in zip(man.slots, quant_slots):
-            qv, scale = quantize_per_tensor(slot_feeds[run][slot.name], lora_q)
+            value = slot_feeds[run][slot.name]
+            qv, scale = quantize_per_tensor(value, slot_types[slot.name])
             tensors[qs["q"]] = qv
             tensors[qs["scale"]] = np.array([scale], np.float32)
-            a_enc.add(enc.from_quantize_linear(slot.name, np.float32(scale), np.zeros((), lora_q)), param=True)
-        for tensor_name in acts:
+            a_enc.add(enc.from_quantize_linear(slot.name, np.float32(scale), np.zeros((), slot_types[slot.name].numpy())), param=True)
+        for tensor_name in [*acts, *constant_outputs]:
             if tensor_name not in per_adapter:
                 a_enc.add(base_enc.activation_encodings[tensor_name])
         for tensor_name, scale_in, zp_in in act_slots:
             qtype = act_types[tensor_name]
-            scale, zp = q.act_params(*ranges[run].get(tensor_name), qtype)
+            scale, zp = act_params(*ranges[run].get(tensor_name), qtype, sym)
             tensors[scale_in] = np.array([scale], np.float32)
-            tensors[zp_in] = np.array([zp], qtype)
-            a_enc.add(enc.from_quantize_linear(tensor_name, np.float32(scale), np.array(zp, qtype)))
+            tensors[zp_in] = np.array([zp], qtype.numpy())
+            a_enc.add(enc.from_quantize_linear(tensor_name, np.float32(scale), np.array(zp, qtype.numpy())))
         run_files[run] = tensors
         run_encs[run] = a_enc
-    for e in q.default_lora_param_encodings(man.slots, lora_q):
+    for e in slot_pass.encodings:  # the graph defaults' (scale 1)
         base_enc.add(e, param=True)
 
     new_slots = []
     for slot, qs in zip(man.slots, quant_slots):
-        new_slots.append(mf.SlotSpec(name=qs["q"], shape=list(slot.shape), dtype=np.dtype(lora_q).name, site=slot.site, role=f"{slot.role}.quantized", layout=slot.layout))
+        new_slots.append(mf.SlotSpec(name=qs["q"], shape=list(slot.shape), dtype=np.dtype(slot_types[slot.name].numpy()).name, site=slot.site, role=f"{slot.role}.quantized", layout=slot.layout))
         new_slots.append(mf.SlotSpec(name=qs["scale"], shape=[1], dtype="float32", site=slot.site, role=f"{slot.role}.scale", layout="scalar"))
     for tensor_name, scale_in, zp_in in act_slots:
         new_slots.append(mf.SlotSpec(name=scale_in, shape=[1], dtype="float32", site=tensor_name, role="activation.scale", layout="scalar"))
-        new_slots.append(mf.SlotSpec(name=zp_in, shape=[1], dtype=np.dtype(act_types[tensor_name]).name, site=tensor_name, role="activation.zero_point", layout="scalar"))
+        new_slots.append(mf.SlotSpec(name=zp_in, shape=[1], dtype=np.dtype(act_types[tensor_name].numpy()).name, site=tensor_name, role="activation.zero_point", layout="scalar"))
 
     fmt = man.adapters[0].format if man.adapters else "onnx_adapter"
     with atomic_output(out_dir) as tmp:
@@ -223,7 +247,7 @@ def quantize(
         (tmp / "lora_weight_list.txt").write_text("\n".join(lora_list) + "\n")
         quant_info = {
             "weights": weights, "activations": activations, "lora_weights": lora_weights,
-            "per_channel": per_channel, "per_row_embeddings": per_row_embeddings, "activation_scope": activation_scope, "share_tolerance": share_tolerance,
+            "per_channel": per_channel, "per_row_embeddings": per_row_embeddings, "aimet_placement": aimet_placement, "activation_scope": activation_scope, "share_tolerance": share_tolerance,
             "encodings_version": encodings_version, "calibration_method": calibration_method,
             "shared_activations": sorted(sharing.shared),
             "adapter_dependent_activations": sorted(per_adapter),
@@ -272,19 +296,66 @@ def _check_concurrencies(concurrencies, chosen: list[str]) -> list[tuple[str, ..
     return out
 
 
-def _wide_activations(mode, threshold, model, acts, sharing, ranges, runs, feeds, package, q, act_q) -> set[str]:
+def _weight_plan(value: ir.Value, axis: int | None, weights: str, per_channel: bool, block: int) -> WeightQ:
+    """int4 blockwise for 2-D weights whose input size the block divides (else int8 per channel),
+    int8 per tensor where ``axis`` is None."""
+    if axis is None:
+        return WeightQ(value.name, ir.DataType.INT8)
+    if weights == "int4":
+        if len(value.shape) == 2 and axis in (0, 1) and value.shape[1 - axis] % block == 0:
+            return WeightQ(value.name, ir.DataType.INT4, 1 - axis, block)  # blocks along the input (reduction) axis
+        return WeightQ(value.name, ir.DataType.INT8, axis)
+    return WeightQ(value.name, _QTYPES[weights], axis if per_channel else None)
+
+
+def _constant_outputs(model: ir.Model) -> dict[str, tuple[float, float]]:
+    """Float outputs of Constant nodes that something reads -> their value range."""
+    out = {}
+    for node in model.graph:
+        value = node.outputs[0] if node.op_type == "Constant" else None
+        attr = node.attributes.get("value") if value is not None else None
+        if attr is None or not value.uses() or attr.value.dtype != ir.DataType.FLOAT:
+            continue
+        x = attr.value.numpy()
+        if x.size:
+            out[value.name] = (float(x.min()), float(x.max()))
+    return out
+
+
+def _constant_inputs(model: ir.Model, slot_names: set[str], weights: set[str]) -> list[str]:
+    """Float initializers read where aimet-onnx quantizes them as activations: any input that is
+    not a base weight, a slot, a Conv/Gemm bias or a normalization's scale/bias (the AIMET config
+    leaves those float), and holds no mask sentinel."""
+    out = []
+    for node in model.graph:
+        if node.op_type in _SKIP_ACT_OPS or node.op_type in aimet.UNQUANTIZED_OUTPUT_OPS:
+            continue
+        for i, value in enumerate(node.inputs):
+            if value is None or not value.is_initializer() or value.is_graph_input() or value.const_value is None:
+                continue
+            if value.name in weights or value.name in slot_names or value.name in out or value.dtype != ir.DataType.FLOAT:
+                continue
+            if (node.op_type in aimet.NORM_OPS and i > 0) or (node.op_type in ("Conv", "Gemm") and i == 2):
+                continue
+            x = value.const_value.numpy()
+            if x.size and _sane(float(x.min()), float(x.max())):
+                out.append(value.name)
+    return out
+
+
+def _wide_activations(mode, threshold, model, acts, sharing, ranges, runs, feeds, package, sym, act_q) -> set[str]:
     """Activations kept at 16 bits in an 8-bit package (see module docstring)."""
     if mode in (None, "none"):
         return set()
     if mode == "layernorm":
         return sc.norm_tensors(model) & set(acts)
-    info = np.iinfo(act_q)
+    info = np.iinfo(act_q.numpy())
     candidates = {}
     for name in acts:
         params = {}
         for run, r in ranges.items():
             lo, hi = sharing.shared.get(name) or r.get(name)
-            scale, zp = q.act_params(lo, hi, act_q)
+            scale, zp = act_params(lo, hi, act_q, sym)
             params[run] = (scale, zp, int(info.min), int(info.max))
         candidates[name] = params
     errors = collect_errors(package.model_path, candidates, runs, feeds)
@@ -358,8 +429,8 @@ def _activations(model: ir.Model, slot_names: set[str]) -> list[str]:
         if value.name not in slot_names and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             out.append(value.name)
     for node in model.graph:
-        if node.op_type in _SKIP_ACT_OPS:
-            continue
+        if node.op_type in _SKIP_ACT_OPS or node.op_type in aimet.UNQUANTIZED_OUTPUT_OPS:
+            continue  # data movement: its output is its (already quantized) input, moved, as in aimet-onnx
         if all(v is None or v.const_value is not None for v in node.inputs):
             continue  # constant-foldable
         for value in node.outputs:

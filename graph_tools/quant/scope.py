@@ -27,7 +27,7 @@ __all__ = ["Sharing", "own_range", "share_activations", "norm_tensors", "wide_by
 logger = logging.getLogger(__name__)
 
 #: the 16-bit type an 8-bit activation type widens to in mixed precision
-WIDER = {np.uint8: np.uint16, np.int8: np.int16}
+WIDER = {ir.DataType.UINT8: ir.DataType.UINT16, ir.DataType.INT8: ir.DataType.INT16}
 
 _NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
              "SkipSimplifiedLayerNormalization"}
