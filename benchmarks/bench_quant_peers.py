@@ -14,16 +14,21 @@ Rows:
 * **ORT** ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, MinMax or
   Percentile calibration, uint8 or uint16 activations): on the base graph and on each adapter
   merged into the weights (``merge_adapter``), so three quantized models per setting. "defaults"
-  quantizes every op ORT quantizes; "mask excluded" also leaves the attention-mask path float
-  (the nodes computing the additive -inf mask, found by what they depend on).
+  quantizes every op ORT quantizes; "mask excluded" also leaves the attention-mask path float:
+  ``nodes_to_exclude`` names every node that produces or reads a tensor holding the mask sentinel
+  (found by running the fp32 graph: the Where building the additive mask, each Add applying it,
+  each Softmax reading the masked scores), and the quantized graph is checked to have no
+  QuantizeLinear on such a tensor (the note column gives the counts).
 * **aimet-onnx 2.42** ``QuantizationSimModel`` (default config, per-channel weights, MinMax),
   W8A8 and W8A16, on the same base and merged graphs, run by ``_aimet_worker.py`` in its own
   venv (``setup_aimet_venv.sh``) as a subprocess.
-* **AIMET load check**: our W8A16 encodings files (base and each adapter) loaded with
-  ``load_encodings_to_sim`` into a sim of the same fp32 graph (package graph, adapter bound),
-  ``strict=False`` with AIMET's default config and ``strict=True`` with the config file lora-onnx
-  writes (``encodings/aimet_config.json``); the sim's outputs are compared with our W8A16 ORT
-  outputs (cosine) and with fp32 PyTorch.
+* **AIMET load check** (``LOAD_CASES``): our W8A16 encodings files (base and each adapter; default
+  placement and ``aimet_placement=True``) loaded with ``load_encodings_to_sim`` into a sim of the
+  same fp32 graph (the float package graph, LoRA slots as plain inputs fed with the adapter's
+  values), with the config file lora-onnx writes (``encodings/aimet_config.json``) or AIMET's
+  default, ``strict=False`` and ``strict=True`` (also after disabling the quantizers of the
+  package's float tensors, manifest ``float_activations``); the sim's outputs are compared with our
+  W8A16 ORT outputs (cosine) and with fp32 PyTorch.
 
 Run: python benchmarks/bench_quant_peers.py [--aimet-python /path/to/aimet/venv/bin/python]
 (prints markdown; 2 intra-op threads everywhere; about 20-30 minutes on 2 cores).
@@ -63,6 +68,7 @@ OURS = {
     "W8A8 mixed=layernorm": dict(activations="uint8", lora_weights="int8", mixed_precision="layernorm"),
     "W8A8 mixed=auto": dict(activations="uint8", lora_weights="int8", mixed_precision="auto"),
     "W8A16 aimet (auto, per-tensor embeddings)": dict(per_row_embeddings=False),
+    "W8A16 aimet-placement (auto)": dict(aimet_placement=True),
 }
 
 
@@ -155,26 +161,44 @@ def ours(work: Path, info: dict, held, calib, ref) -> list[tuple]:
     return rows
 
 
-def _mask_nodes(model_path) -> list[str]:
-    """Nodes that compute the additive attention mask: they depend on ``attention_mask`` and on no
-    other graph input, plus the nodes that add that mask into the scores."""
+def _sentinel_tensors(model_path, calib) -> set[str]:
+    """Float tensors of ``model_path`` that hold attention-mask sentinels (-inf / finfo.min, or
+    anything beyond 1e30) on the first calibration batch: the values no shared scale can hold."""
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    deps = {i.name: {i.name} for i in graph.input if i.name not in inits}
-    mask_only, consumers = set(), []
-    for node in graph.node:
-        d = set().union(*(deps.get(x, set()) for x in node.input))
-        for o in node.output:
-            deps[o] = d
-        if d == {"attention_mask"}:
-            mask_only.update(node.output)
-            consumers.append(node.name)
-        elif any(x in mask_only for x in node.input) and d != {"attention_mask"}:
-            consumers.append(node.name)
-    return consumers
+    from graph_tools.quant.calibrate import session_with_outputs
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    names = [o for node in graph.node for o in node.output if o]
+    session = session_with_outputs(Path(model_path), names)
+    inputs = {i.name for i in session.get_inputs()}
+    out_names = [o.name for o in session.get_outputs()]
+    values = session.run(out_names, {k: v[:8] for k, v in calib.items() if k in inputs})
+    return {n for n, v in zip(out_names, values)
+            if np.issubdtype(v.dtype, np.floating) and v.size and not (np.abs(v) < 1e30).all()}
+
+
+def _mask_nodes(model_path, calib) -> tuple[list[str], set[str]]:
+    """``nodes_to_exclude`` for the attention-mask path: every node that produces or reads a
+    sentinel tensor (the additive mask, the masked scores, the Softmax reading them), by name
+    in the graph ``quantize_static`` is given. Returns (node names, sentinel tensors)."""
+    import onnx
+
+    sentinels = _sentinel_tensors(model_path, calib)
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    nodes = [n for n in graph.node if sentinels & (set(n.input) | set(n.output))]
+    unnamed = [n.op_type for n in nodes if not n.name]
+    if unnamed:
+        raise RuntimeError(f"{len(unnamed)} mask-path nodes have no name ({unnamed[:3]}): nodes_to_exclude cannot name them")
+    return [n.name for n in nodes], sentinels
+
+
+def _quantized_sentinels(model_path, sentinels: set[str]) -> list[str]:
+    """Sentinel tensors that a QuantizeLinear of the quantized model reads (should be none)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return sorted({n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in sentinels})
 
 
 class _Reader:
@@ -194,14 +218,18 @@ def ort_rows(work: Path, info: dict, held, calib, ref) -> list[tuple]:
     mask = held["attention_mask"]
     rows = []
     settings = [(a, m, excl) for m in ("MinMax", "Percentile") for excl in (False, True) for a in ("W8A8", "W8A16")]
+    excluded = {}
     for act, method, exclude in settings:
-        cos, note = [], ""
+        cos, notes = [], []
         for key in ("base", info["strong"], info["light"]):
             pre = Path(info["graphs"][key])  # plain fp32 graph (+ .data), typed by shape inference at export
             out = work / "ort" / f"{key}.{act}.{method}.{'excl' if exclude else 'all'}.onnx"
             if not out.is_file() and CACHED_ONLY:
                 cos.append(None)
                 continue
+            if key not in excluded:
+                excluded[key] = _mask_nodes(pre, calib)
+            nodes, sentinels = excluded[key]
             if not out.is_file():
                 out.parent.mkdir(parents=True, exist_ok=True)
                 names = {i.name for i in onnx.load(str(pre), load_external_data=False).graph.input}
@@ -210,15 +238,21 @@ def ort_rows(work: Path, info: dict, held, calib, ref) -> list[tuple]:
                         str(pre), str(out), _Reader(calib, names), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt16 if act == "W8A16" else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
-                        nodes_to_exclude=_mask_nodes(pre) if exclude else None,
+                        nodes_to_exclude=nodes if exclude else None,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
                         use_external_data_format=True,
                     )
                 except Exception as exc:  # noqa: BLE001 - a peer failing is a result
                     cos.append(None)
-                    note = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                    notes.append(f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
                     continue
+            quantized = _quantized_sentinels(out, sentinels)
+            if exclude and quantized:
+                raise RuntimeError(f"{out.name}: mask excluded, yet {len(quantized)} sentinel tensors quantized: {quantized[:3]}")
+            notes.append(f"{key}: {len(nodes)} nodes excluded, " if exclude else f"{key}: ")
+            notes[-1] += f"{len(quantized)}/{len(sentinels)} sentinel tensors quantized"
             cos.append(_held_cos(_ort_outputs(out, held), ref[key], mask))
+        note = next((n for n in notes if n.startswith("fails")), "; ".join(notes[:1]))
         rows.append(("ORT quantize_static", f"{act} {method}{', mask excluded' if exclude else ', defaults'}", *cos, note))
     return rows
 
@@ -257,34 +291,50 @@ def aimet_rows(python: str, work: Path, info: dict, ref, mask) -> list[tuple]:
     return rows
 
 
-def _bind(package, adapter: str | None, out: Path) -> Path:
-    """The fp32 package graph with ``adapter``'s slot values as initializers (the graph an
-    encodings file describes, as AIMET is given it); ``None``: rank-1 zeros (the base model)."""
+def _aimet_graph(package, out: Path) -> Path:
+    """The fp32 package graph with the LoRA slots as plain graph inputs (no defaults), as a QNN
+    LoRA flow has them: the graph an encodings file describes, as AIMET is given it."""
     import onnx_ir as ir
-
-    from graph_tools.adapters import files
-    from graph_tools.adapters.compose import compose, weights_from_slot_tensors
 
     if out.is_file():
         return out
-    slots = package.manifest.slots
-    adapters = []
-    if adapter is not None:
-        path = package.adapter_path(adapter)
-        adapters = [(weights_from_slot_tensors(slots, files.read_adapter(path), path), 1.0)]
-    feed = compose(slots, adapters)
     model = ir.load(package.model_path)
-    for slot in slots:
+    for slot in package.manifest.slots:
         value = model.graph.initializers[slot.name]
-        value.const_value = ir.tensor(feed[slot.name], name=slot.name)
-        value.shape = ir.Shape(feed[slot.name].shape)
-        model.graph.inputs.remove(value)
+        del model.graph.initializers[slot.name]
+        value.const_value = None
     out.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, out, external_data=out.name + ".data")
     return out
 
 
-def load_rows(python: str, work: Path, info: dict, held, calib, ref) -> list[tuple]:
+def _slot_feeds(package, adapter: str | None, out: Path) -> Path:
+    """``adapter``'s slot values (``None``: the base model's rank-1 zeros) as an npz of feeds."""
+    from graph_tools.adapters import files
+    from graph_tools.adapters.compose import compose, weights_from_slot_tensors
+
+    slots = package.manifest.slots
+    adapters = []
+    if adapter is not None:
+        path = package.adapter_path(adapter)
+        adapters = [(weights_from_slot_tensors(slots, files.read_adapter(path), path), 1.0)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **compose(slots, adapters))
+    return out
+
+
+#: AIMET load cases: (files label, our package folder, config, strict, disable the package's float tensors)
+LOAD_CASES = [
+    ("default placement, per-row emb.", "W8A16_scope-auto", "lora-onnx config", False, False),
+    ("default placement, per-tensor emb.", "W8A16_aimet", "lora-onnx config", False, False),
+    ("default placement, per-tensor emb.", "W8A16_aimet", "AIMET default config", False, False),
+    ("aimet_placement", "W8A16_aimet-placement", "lora-onnx config", False, False),
+    ("aimet_placement", "W8A16_aimet-placement", "lora-onnx config", True, False),
+    ("aimet_placement", "W8A16_aimet-placement", "lora-onnx config", True, True),
+]
+
+
+def load_rows(python: str, work: Path, info: dict, held, calib, ref) -> tuple[list[tuple], dict]:
     """Our W8A16 encodings loaded into an AIMET sim of the same fp32 graph."""
     from graph_tools.adapters.load import load_package
     from graph_tools.quant import quantize
@@ -293,35 +343,40 @@ def load_rows(python: str, work: Path, info: dict, held, calib, ref) -> list[tup
     feeds = [{k: v[i:i + 8] for k, v in calib.items()} for i in range(0, len(calib["input_ids"]), 8)]
     mask = held["attention_mask"]
     fpkg = load_package(work / "pkg")
-    qdirs = {"per-row emb.": work / "ours" / "W8A16_scope-auto", "per-tensor emb.": work / "ours" / "W8A16_aimet"}
-    if not (qdirs["per-row emb."] / "manifest.json").is_file():
-        quantize(fpkg.path, qdirs["per-row emb."], feeds)
-    if not (qdirs["per-tensor emb."] / "manifest.json").is_file():
-        quantize(fpkg.path, qdirs["per-tensor emb."], feeds, per_row_embeddings=False)
-    cases = [("per-tensor emb.", "lora-onnx config", False), ("per-tensor emb.", "lora-onnx config", True),
-             ("per-row emb.", "lora-onnx config", False), ("per-tensor emb.", "AIMET default config", False)]
-    rows = []
-    for files_label, config_label, strict in cases:
-        qdir = qdirs[files_label]
+    graph = _aimet_graph(fpkg, work / "aimet_graph" / "model.onnx")
+    kwargs = {"W8A16_scope-auto": {}, "W8A16_aimet": dict(per_row_embeddings=False),
+              "W8A16_aimet-placement": dict(aimet_placement=True)}
+    rows, kinds = [], {}
+    for files_label, folder, config_label, strict, disable in LOAD_CASES:
+        qdir = work / "ours" / folder
+        if not (qdir / "manifest.json").is_file():
+            quantize(fpkg.path, qdir, feeds, **kwargs[folder])
         qs = AdapterSession(qdir, session_options=_options())
+        floats = qs.manifest.extra["quantization"]["float_activations"]
         config = str(qdir / "encodings" / "aimet_config.json") if config_label == "lora-onnx config" else "default"
         cells = []
         for run, key in ((None, "base"), (info["strong"], info["strong"]), (info["light"], info["light"])):
-            graph = _bind(fpkg, run, work / "bound" / f"{key}.onnx")
             job = {"kind": "load", "model": str(graph), "encodings": str(qdir / "encodings" / f"{key}.encodings"),
-                   "strict": strict, "config_file": config, "param_type": "int8", "activation_type": "int16"}
-            tag = f"load_{key}_{files_label.split()[0]}_{config_label.split()[0]}_{strict}"
+                   "strict": strict, "config_file": config, "param_type": "int8", "activation_type": "int16",
+                   "feeds": str(_slot_feeds(fpkg, run, work / "aimet_graph" / f"{key}.feeds.npz")),
+                   "disable": floats if disable else []}
+            tag = f"load_{key}_{folder}_{config_label.split()[0]}_{strict}_{disable}"
             r = _aimet(python, job, work, tag)
             if "outputs" not in r:
                 err = (r.get("error") or "?").splitlines()[0]
-                cells.append(f"refused: {err[:160]}")
+                n = f" ({r['refused_quantizers']} quantizers listed)" if r.get("refused_quantizers") else ""
+                cells.append(f"refused{n}: {err[:110]}")
                 continue
             ours_out = np.concatenate([qs.run(None, {k: v[i:i + 8] for k, v in held.items()}, adapter=run)[0]
                                        for i in range(0, len(mask), 8)])
-            cells.append(f"{r['encodings_applied']}/{r['encodings_in_file']} applied, {len(r['mismatches'])} reported; "
+            done = f", {r['disabled']} disabled first" if r.get("disabled") else ""
+            cells.append(f"{r['encodings_applied']}/{r['encodings_in_file']} applied, {len(r['mismatches'])} reported{done}; "
                          f"cos vs our ORT {_cos(r['outputs'], ours_out, mask):.4f}, vs fp32 {_cos(r['outputs'], ref[key], mask):.4f}")
-        rows.append((f"W8A16 files ({files_label}), {config_label}, strict={strict}", *cells))
-    return rows
+            if key == info["strong"] and not strict:
+                kinds[f"{files_label}, {config_label}"] = r.get("mismatch_kinds", {})
+        rows.append((f"W8A16 {files_label}, {config_label}, strict={strict}" + (", float tensors disabled" if disable else ""),
+                     *cells))
+    return rows, kinds
 
 
 def _fmt(x) -> str:
@@ -364,8 +419,11 @@ def main():
         print("\nAIMET load check: our encodings into aimet_onnx load_encodings_to_sim on the same fp32 graph\n")
         print(f"| files, config, strict | base | strong ({strong}) | light ({light}) |")
         print("|---|---|---|---|")
-        for label, *cells in load_rows(args.aimet_python, work, info, held, calib, ref):
+        rows, kinds = load_rows(args.aimet_python, work, info, held, calib, ref)
+        for label, *cells in rows:
             print(f"| {label} | " + " | ".join(cells) + " |")
+        for label, counts in kinds.items():
+            print(f"\nReported by AIMET, strict=False, {strong}, {label}: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing"))
     print(f"\n(total {time.perf_counter() - t:.0f}s)", file=sys.stderr)
 
 
