@@ -3,6 +3,8 @@ checked against PEFT, from every kind of package and from the exported LoRA grap
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -68,16 +70,17 @@ def test_strip_matches_base(case, source, tmp_path):
 
 
 @pytest.mark.parametrize("source,name", [("torchscript", "bert"), ("dynamo", "gpt2")])
-def test_other_exporters_graphs(zoo, graphs, source, name, tmp_path):
+def test_other_exporters_graphs(zoo, source, name, tmp_path):
     """Packages of plain torch.onnx exports (torchscript: biases shared through Identity nodes;
-    dynamo: its own optimizer) serve, merge and strip like ours."""
+    dynamo: its own optimizer; the committed fixtures) serve, merge and strip like ours."""
     from graph_tools.adapters.extract import extract_adapters
     from graph_tools.runtime.session import AdapterSession
 
     model, _ = zoo[name]
     torch_feeds = models.example_inputs(name, 3, 7)
     feeds = {k: v.numpy() for k, v in torch_feeds.items()}
-    package = extract_adapters(graphs(source, name), tmp_path / "pkg").path
+    graph = Path(__file__).resolve().parent.parent / "fixtures" / f"{source}_{name}.onnx"
+    package = extract_adapters(graph, tmp_path / "pkg").path
     session = AdapterSession(package)
     (out_name,) = [o.name for o in session.get_outputs()]
     first = lambda ref: {out_name: next(iter(ref.values()))}  # noqa: E731  (plain exports: one output)
@@ -85,7 +88,7 @@ def test_other_exporters_graphs(zoo, graphs, source, name, tmp_path):
         got = session.run(None, feeds, adapter=choice)
         assert H.max_error([out_name], got, first(H.peft_outputs(model, torch_feeds, choice))) <= H.TOL
     merged = merge_adapter(package, "default", tmp_path / "merged.onnx")
-    stripped = strip_adapters(graphs(source, name), tmp_path / "base.onnx")
+    stripped = strip_adapters(graph, tmp_path / "base.onnx")
     for path, choice in ((merged, "default"), (stripped, None)):
         _plain_graph(path)
         names, got = _run_plain(path, feeds)
