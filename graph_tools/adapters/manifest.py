@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_tools._io import atomic_file, read_json
-from graph_tools.errors import AdapterError, PackageError, first_line as _one_line
+from graph_tools.errors import AdapterError, PackageError
 
 __all__ = [
     "FORMAT_VERSION",
