@@ -2,7 +2,8 @@
 
 * Base weights (MatMul/Gemm/Conv/Gather operands): int8 per-channel symmetric (or per-tensor, or
   int4 blockwise), stored quantized with a DequantizeLinear in the graph.
-* Activations: QuantizeLinear -> DequantizeLinear on every float op output. The base model and
+* Activations: QuantizeLinear -> DequantizeLinear on every float op output but data movement
+  (Reshape, Transpose, Gather, ...: :data:`graph_tools.quant.aimet.UNQUANTIZED_OUTPUT_OPS`). The base model and
   every adapter (and every declared concurrency) are calibrated; ``activation_scope`` decides per
   activation whether one encoding is shared by all (constants in the graph) or each adapter
   feeds its own (scale/zero-point graph inputs, "encoding slots", fed from the adapter file):
@@ -17,6 +18,9 @@
 * Declared concurrencies (``concurrencies=[("a", "b")]``): that combination (rank-concatenated,
   weight 1.0 each) is calibrated and written as an adapter file of its own, ``adapters/a+b.<ext>``
   with ``encodings/a+b.encodings``; ``AdapterSession`` serves ``{"a": 1, "b": 1}`` from it.
+
+* The graph is rewritten by the passes of :mod:`graph_tools.quant.qdq` (weights, activations,
+  slots) run as one ``ir.passes.Sequential``.
 
 The same ORT session then dequantizes each adapter with its own parameters. Encodings files
 (AIMET JSON) are written for the base and for every adapter; base entries are identical in all.
