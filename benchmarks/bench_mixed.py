@@ -8,15 +8,19 @@ exported with ``export_peft(with_past=True)`` and extracted into one package (fp
 request 1 x 128 prompt tokens (prefill) then 64 greedy new tokens (decode, KV cache fed back):
 
 * ``sequential``: the 8 requests one after the other, switching adapter per request
-* ``mixed``: the 8 requests as one batch of 8, ``adapter=[a0, ..., a7]`` (one run per step)
-* ``concat``: batch of 8, all 8 adapters active on every row (``{a0: 1, ..., a7: 1}``): the cost of
-  the other design (rank concatenation + per-row scale mask: every row pays the sum of ranks)
+* ``mixed``: the 8 requests as one batch of 8, ``adapter=[a0, ..., a7]`` (one run per step; the
+  prompt in the "rows" layout, decode steps in "concat", chosen per run by tokens per row)
+* ``concat``: batch of 8, all 8 adapters active on every row (``{a0: 1, ..., a7: 1}``) on the
+  package graph: every row pays the sum of ranks, as the "concat" layout does
 * ``one adapter``: batch of 8, every row ``a0`` (the package graph, single-adapter path)
 * ``merged``: batch of 8 on ``merge_adapter(a0)`` (plain ORT, no LoRA branch): the reference
   for the per-row cost of the adapter path
 
-Timings: median of ``--repeat`` interleaved rounds, ``--threads`` intra-op threads. The mixed
-rows are checked against the sequential ones (max abs logit difference printed).
+Timings: median of ``--repeat`` rounds, ``--threads`` intra-op threads; within a round the cases
+are interleaved step by step (one prefill or decode step of each in turn, 8 one-row steps of the
+sequential case, whose 8 requests run one after the other), so that load from other processes falls on
+every case alike. The mixed rows are checked against the sequential ones (max abs logit difference
+printed).
 """
 
 from __future__ import annotations
@@ -74,26 +78,29 @@ def build(folder: Path) -> tuple[Path, Path]:
 
 
 class Runner:
-    """Greedy prefill + decode through ``run(feeds) -> [logits, presents...]``."""
+    """Greedy prefill + decode through ``run(feeds) -> [logits, presents...]``, one step per
+    ``next()`` (so that the cases can be interleaved step by step); times add up in ``times``."""
 
     def __init__(self, run, layers: int, kv_shape: tuple[int, int]):
         self.run, self.layers, self.kv_shape = run, layers, kv_shape
 
-    def generate(self, ids: np.ndarray) -> tuple[float, float, np.ndarray]:
+    def steps(self, ids: np.ndarray, times: dict, last: list):
         batch, seq = ids.shape
         past = [np.zeros((batch, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)] * (2 * self.layers)
         mask = np.ones((batch, seq), np.int64)
         t0 = time.perf_counter()
         logits, past = self._step(ids, mask, past, 0)
-        prefill = time.perf_counter() - t0
+        times["prefill"] += time.perf_counter() - t0
         tokens = [logits[:, -1].argmax(-1)]
-        t0 = time.perf_counter()
         for _ in range(NEW - 1):
+            yield
+            t0 = time.perf_counter()
             mask = np.ones((batch, mask.shape[1] + 1), np.int64)
             logits, past = self._step(tokens[-1][:, None], mask, past, mask.shape[1] - 1)
             tokens.append(logits[:, -1].argmax(-1))
-        decode = time.perf_counter() - t0
-        return prefill, decode, logits[:, -1]
+            times["decode"] += time.perf_counter() - t0
+        last.append(logits[:, -1])
+        yield
 
     def _step(self, ids, mask, past, start):
         seq = ids.shape[1]
@@ -103,6 +110,21 @@ class Runner:
             feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         out = self.run(feeds)
         return out[0], out[1:]
+
+
+def interleaved(cases: dict, order: list, per_turn: dict) -> dict:
+    """Run every case once, ``per_turn[case]`` steps (default 1) of each in turn:
+    ``{case: (prefill s, decode s, last logits)}``."""
+    times = {k: {"prefill": 0.0, "decode": 0.0} for k in cases}
+    last = {k: [] for k in cases}
+    running = {k: cases[k](times[k], last[k]) for k in order}
+    while running:
+        for key in list(running):
+            for _ in range(per_turn.get(key, 1)):
+                if next(running[key], StopIteration) is StopIteration:
+                    del running[key]
+                    break
+    return {k: (times[k]["prefill"], times[k]["decode"], np.concatenate(last[k], 0)) for k in cases}
 
 
 def main(argv=None) -> int:
@@ -129,31 +151,27 @@ def main(argv=None) -> int:
     def with_adapter(choice):
         return Runner(lambda feeds: session.run(None, feeds, adapter=choice), layers, kv_shape)
 
-    def sequential():
-        pre = dec = 0.0
-        last = []
+    def sequential(times, last):
         for i, name in enumerate(names):
-            p, d, logits = with_adapter(name).generate(prompts[i: i + 1])
-            pre, dec = pre + p, dec + d
-            last.append(logits)
-        return pre, dec, np.concatenate(last, 0)
+            yield from with_adapter(name).steps(prompts[i: i + 1], times, last)
 
+    merged_runner = Runner(lambda feeds: plain.run(None, feeds), layers, kv_shape)
     cases = {
         "sequential": sequential,
-        "mixed": lambda: with_adapter(list(names)).generate(prompts),
-        "concat": lambda: with_adapter({n: 1.0 for n in names}).generate(prompts),
-        "one adapter": lambda: with_adapter("a0").generate(prompts),
-        "merged": lambda: Runner(lambda feeds: plain.run(None, feeds), layers, kv_shape).generate(prompts),
+        "mixed": lambda times, last: with_adapter(list(names)).steps(prompts, times, last),
+        "concat": lambda times, last: with_adapter({n: 1.0 for n in names}).steps(prompts, times, last),
+        "one adapter": lambda times, last: with_adapter("a0").steps(prompts, times, last),
+        "merged": lambda times, last: merged_runner.steps(prompts, times, last),
     }
-    for fn in cases.values():  # warm-up: sessions, cached feeds
-        fn()
+    load_start = os.getloadavg()[0]
+    per_turn = {"sequential": N_ADAPTERS}  # 8 one-row steps per turn, against one 8-row step of the others
+    interleaved(cases, list(cases), per_turn)  # warm-up: sessions, cached feeds
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     outputs = {}
     order = list(cases)
     for r in range(args.repeat):
         order = order[1:] + order[:1]
-        for key in order:
-            pre, dec, logits = cases[key]()
+        for key, (pre, dec, logits) in interleaved(cases, order, per_turn).items():
             samples[key].append((pre, dec))
             outputs[key] = logits
         print(f"  round {r + 1}/{args.repeat} done", file=sys.stderr, flush=True)
@@ -166,8 +184,9 @@ def main(argv=None) -> int:
     lines = [
         f"Llama-shaped (hidden 512, 4 layers, vocab 32000) fp32, {N_ADAPTERS} adapters r=16 on q/k/v/o/gate/up/down; "
         f"{N_ADAPTERS} requests x {PROMPT} prompt tokens, {NEW} greedy new tokens each; intra-op threads {args.threads}; "
-        f"median of {args.repeat} interleaved rounds; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"onnxruntime {ort.__version__}. Mixed vs sequential last logits: max abs diff {diff:.2e}.",
+        f"median of {args.repeat} rounds, cases interleaved step by step; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"onnxruntime {ort.__version__}; load average (1 min) {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end. "
+        f"Mixed vs sequential last logits: max abs diff {diff:.2e}.",
         "",
         "| case | prefill | prefill tok/s | decode (63 steps) | decode tok/s | vs sequential (decode) | per-row cost vs merged (prefill / decode) |",
         "|---|---|---|---|---|---|---|",

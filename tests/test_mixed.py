@@ -45,13 +45,38 @@ def _check_rows(session: AdapterSession, case, rows):
         assert H.max_error(names, [m[i: i + 1] for m in mixed], ref) <= H.TOL
 
 
+@pytest.fixture
+def force_layout(monkeypatch):
+    """Make every mixed run use one layout ("rows" / "concat"); the fixtures' short inputs would
+    otherwise all take "concat" (few tokens per row)."""
+    from graph_tools.runtime import mixed
+
+    def force(layout):
+        monkeypatch.setattr(mixed, "choose_layout", lambda keys, tokens: layout)
+    return force
+
+
+@pytest.mark.parametrize("layout", ["rows", "concat"])
 @pytest.mark.parametrize("mode", ["inputs", "pack", "max_rank", "external"])
 @pytest.mark.parametrize("model", H.MODELS)
-def test_mixed_rows_equal_rows_alone(model, mode, zoo, graphs, tmp_path_factory):
+def test_mixed_rows_equal_rows_alone(model, mode, layout, zoo, graphs, tmp_path_factory, force_layout):
     case = H.get_case(model, zoo, graphs, tmp_path_factory)
     session = AdapterSession(H.get_package(case, mode))
+    force_layout(layout)
     for rows in ROWS.values():
         _check_rows(session, case, rows)
+    assert {layout} == {cached[1] for cached in session._mixed._feeds}
+
+
+def test_layout_choice():
+    """Few tokens per row (decode steps) or no more distinct adapters than a row uses: rank concat."""
+    from graph_tools.runtime.mixed import CONCAT_MAX_TOKENS, choose_layout
+
+    eight = tuple(((f"a{i}", 1.0),) for i in range(8))
+    assert choose_layout(eight, 1) == choose_layout(eight, CONCAT_MAX_TOKENS) == "concat"
+    assert choose_layout(eight, CONCAT_MAX_TOKENS + 1) == "rows"
+    assert choose_layout(((("a", 1.0),), None, (("a", 1.0),)), 512) == "concat"
+    assert choose_layout(((("a", 1.0), ("b", 1.0)), (("b", 2.0),)), 512) == "concat"
 
 
 def test_same_choice_everywhere_takes_the_package_graph(zoo, graphs, tmp_path_factory):
@@ -87,10 +112,13 @@ def test_plain_onnxruntime_mixed_form(zoo, graphs, tmp_path_factory, tmp_path):
     path = write_mixed_model(package)
     assert path == package / "model.mixed.onnx"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {**case.feeds, **mixed_feeds_for(package, rows)})
     want = AdapterSession(package).run(None, case.feeds, adapter=rows)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=0, atol=ROW_TOL)
+    for layout in ("rows", "concat"):
+        got = session.run(None, {**case.feeds, **mixed_feeds_for(package, rows, layout=layout)})
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=0, atol=ROW_TOL, err_msg=layout)
+    with pytest.raises(AdapterError, match="layout"):
+        mixed_feeds_for(package, rows, layout="stacked")
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["extra"]["mixed_batches"]["row_axis"] == 0
 
@@ -133,15 +161,21 @@ def test_mixed_decode_with_kv_cache(family, decoders, tmp_path):
             np.testing.assert_allclose(got[i: i + 1], want, rtol=0, atol=ROW_TOL)
 
 
+@pytest.mark.parametrize("prompt_layout", ["rows", "concat"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_mixed_generate_rows_equal_rows_alone(family, decoder_packages):
-    """``generate(adapter=[...])``: one generation for every row, each row's ids = that row alone."""
+def test_mixed_generate_rows_equal_rows_alone(family, prompt_layout, decoder_packages, monkeypatch):
+    """``generate(adapter=[...])``: one generation for every row, each row's ids = that row alone;
+    the prompt step in either layout, the decode steps in "concat" (rebound after the prompt)."""
+    from graph_tools.runtime import mixed
+
+    if prompt_layout == "rows":  # the 5-token prompt takes "rows", the 1-token steps "concat"
+        monkeypatch.setattr(mixed, "choose_layout", lambda keys, tokens: "rows" if tokens > 1 else "concat")
     session = AdapterSession(decoder_packages(family, "inputs"))
     ids = np.array([[5, 6, 7, 8, 9], [0, 0, 3, 2, 1], [4, 4, 8, 2, 7]], np.int64)
     mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)
     rows = ["second", None, {"default": 0.5, "second": 1.5}]
     mixed = session.generate(ids, attention_mask=mask, adapter=rows, max_new_tokens=6)
-    assert session._mixed is not None
+    assert {cached[1] for cached in session._mixed._feeds} == ({"rows", "concat"} if prompt_layout == "rows" else {"concat"})
     for i, choice in enumerate(rows):
         alone = session.generate(ids[i: i + 1], attention_mask=mask[i: i + 1], adapter=choice, max_new_tokens=6)
         # a row alone stops at its eos; in the batch it is padded after it until every row stops
@@ -149,3 +183,22 @@ def test_mixed_generate_rows_equal_rows_alone(family, decoder_packages):
         assert alone.shape[1] == mixed.shape[1] or len(set(mixed[i, alone.shape[1]:].tolist())) == 1
     with pytest.raises(AdapterError, match="2 row choices"):
         session.generate(ids, attention_mask=mask, adapter=["second", None], max_new_tokens=2)
+
+
+def test_quantized_package_refuses_mixed_rows(tiny_llama_package, tmp_path):
+    """A QDQ package: one adapter choice per run (per-adapter encodings); mixed rows are refused
+    with the reason and what to do; a batch whose rows all choose the same still runs."""
+    from graph_tools.quant import quantize
+
+    rng = np.random.default_rng(0)
+    calib = [{"input_ids": rng.integers(0, 128, (2, 6)), "attention_mask": np.ones((2, 6), np.int64)}]
+    qpkg = quantize(tiny_llama_package.path, tmp_path / "q", calib)
+    session = AdapterSession(qpkg.path)
+    names = session.adapters
+    feeds = {"input_ids": rng.integers(0, 128, (2, 6)), "attention_mask": np.ones((2, 6), np.int64)}
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+    with pytest.raises(AdapterError, match=r"quantized package takes one adapter choice per run.*adapter=name.*float package"):
+        session.run(None, feeds, adapter=[names[0], None])
+    same = session.run(None, feeds, adapter=[names[0], names[0]])
+    np.testing.assert_array_equal(same[0], session.run(None, feeds, adapter=names[0])[0])
+    assert session._mixed is None

@@ -4,27 +4,34 @@ The package graph is left as it is (one adapter per run, no extra node: the sing
 keeps its speed); this pass derives a second graph, the *mixed form*, whose slot branches take
 per-row values. Rows are axis 0 of every model input.
 
-Linear / Conv1D and embedding sites: per-row stacked adapters (BGMV-style, the gather done once
-per batch composition on the host, scale folded into A)::
+One graph, two feed *layouts* chosen per run (:mod:`graph_tools.runtime.mixed`): each Linear /
+Conv1D site is three ops besides its Add, and the inputs A/B have no declared rank, so the same
+MatMuls serve both::
 
-    before:  x ─> base ────────────────────────────────────────────────> Add ─> y
-             └──> MatMul(x, Transpose(A)) ─> Mul(scale) ─> MatMul(., Transpose(B)) ┘
+    x ─> base ──────────────────────────────────────────────> Add ─> y
+    └──> MatMul(x, rows.A) ─> Mul(., rows.mask) ─> MatMul(., rows.B) ┘
 
-    after:   x ─> base ─────────────────────────────────────────────────────────────> Add ─> y
-             └──> Reshape(x, [0, -1, in]) ─> MatMul(., rows.A) ─> MatMul(., rows.B)
-                                        ─> Reshape(., Shape(base)) ───────────────────┘
-             rows.A [rows, in, r] = A_row^T * scale_row, rows.B [rows, r, out] = B_row^T
-             (embedding: GatherND(rows.A [rows, num, r], ids[..., None], batch_dims=1))
+    "rows"   (BGMV-style; prefill): rows.A [rows, in, r] = A_row^T * scale_row (zero-padded to the
+             batch's largest rank), rows.B [rows, r, out] = B_row^T, rows.mask [1, 1, 1] = 1:
+             batched MatMuls, each row pays its own rank.
+    "concat" (decode steps): rows.A [in, R] and rows.B [R, out] = every distinct adapter of the
+             batch concatenated along rank (transposed), rows.mask [rows, 1, R] = row b's
+             scale * weight on its adapters' rank blocks, 0 elsewhere: one GEMM per MatMul over
+             all rows, each row pays R (the sum of the batch's distinct ranks).
 
-  Each row costs its own rank (the batch's largest rank; smaller ranks are zero-padded).
+  x is read as [rows, tokens, in] (a Reshape pair is added only where x is not known to be rank 3).
 
-Conv sites (a per-row kernel would need ``group = rows``, a static attribute): the chosen
-adapters concatenated along rank, as concurrency does, with a per-row scale mask::
+Embedding sites: ``Gather(rows.A, ids + rows.offset) * rows.mask -> MatMul(., rows.B)``; "rows":
+rows.A [rows * num, r] (row b's A^T * scale at rows b*num..), rows.offset [rows, 1] = b * num;
+"concat": rows.A [num, R], rows.offset [1, 1] = 0, mask as for Linear.
 
-    x ─> Conv(x, rows.A [R, C, k..]) ─> Mul(Unsqueeze(rows.mask [rows, R])) ─> Conv(., rows.B) ─> Add
+Conv sites (a per-row kernel would need ``group = rows``, a static attribute) take the "concat"
+values in both layouts::
 
-Inputs are named ``lora_rows.<module>.A`` / ``.B`` (/ ``.mask``); the slot (and pack) inputs leave
-the mixed graph. :mod:`graph_tools.runtime.mixed` computes the values (:func:`mixed_feeds`).
+    x ─> Conv(x, rows.A [R, C, k..]) ─> Mul(., rows.mask [rows, R, 1..]) ─> Conv(., rows.B [out, R, k..]) ─> Add
+
+Inputs are named ``lora_rows.<module>.A`` / ``.B`` / ``.mask`` (/ ``.offset``); the slot (and pack)
+inputs leave the mixed graph. :func:`graph_tools.runtime.mixed.mixed_feeds` computes the values.
 """
 
 from __future__ import annotations
@@ -38,19 +45,24 @@ import onnx_ir as ir
 from graph_tools.errors import AdapterError
 from graph_tools.passes.slots import find_slot_branches
 
-__all__ = ["MixedSite", "mixed_sites", "MakeMixedBatchPass", "ROWS_PREFIX", "DESIGN"]
+__all__ = ["MixedSite", "mixed_sites", "MakeMixedBatchPass", "ROWS_PREFIX", "DESIGN", "LAYOUTS"]
 
 logger = logging.getLogger(__name__)
 
 ROWS_PREFIX = "lora_rows."
 #: what the manifest records about the mixed form
 DESIGN = {
-    "linear": "rows: per-row stacked A^T*scale [rows, in, r] and B^T [rows, r, out], batched MatMul",
-    "embedding": "rows: per-row stacked A^T*scale [rows, num, r] (GatherND batch_dims=1) and B^T [rows, r, out]",
-    "conv": "mask: chosen adapters concatenated along rank, per-row scale mask [rows, R]",
+    "version": 2,
+    "layouts": "one graph; per run the 'rows' layout (per-row stacked, prefill) or 'concat' (rank concat + row mask, decode)",
+    "linear": "MatMul(x[rows,t,in], A) * mask -> MatMul(., B); rows: A [rows,in,r] = A^T*scale, B [rows,r,out], "
+              "mask [1,1,1]; concat: A [in,R], B [R,out], mask [rows,1,R]",
+    "embedding": "Gather(A, ids + offset) * mask -> MatMul(., B); rows: A [rows*num,r], offset [rows,1] = row*num; "
+                 "concat: A [num,R], offset [1,1] = 0",
+    "conv": "concat only: Conv(x, A [R,C,k..]) * mask [rows,R,1..] -> Conv(., B [out,R,k..])",
     "row_axis": 0,
-    "inputs": "lora_rows.<module>.A, lora_rows.<module>.B, lora_rows.<module>.mask (conv)",
+    "inputs": "lora_rows.<module>.A, .B, .mask, .offset (embedding)",
 }
+LAYOUTS = ("rows", "concat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +73,8 @@ class MixedSite:
         module: module path (the manifest slot's ``site``).
         kind: ``linear``, ``embedding`` or ``conv``.
         dtype: numpy dtype name of the slot values.
-        a_name, b_name, mask_name: the mixed-form input names (``mask_name`` only for conv).
+        a_name, b_name, mask_name, offset_name: the mixed-form input names (``offset_name`` only
+            for embeddings).
         a_slot, b_slot, scale_slot: the slot names of the package graph.
         a_shape, b_shape: the A/B slot shapes of the manifest (PEFT layout).
     """
@@ -71,7 +84,8 @@ class MixedSite:
     dtype: str
     a_name: str
     b_name: str
-    mask_name: str | None
+    mask_name: str
+    offset_name: str | None
     a_slot: str
     b_slot: str
     scale_slot: str
@@ -91,8 +105,8 @@ def mixed_sites(slots) -> list[MixedSite]:
         a = roles["lora_A"]
         kind = "conv" if len(a.shape) > 2 else "embedding" if a.name.endswith(".lora_embedding_A") else "linear"
         prefix = f"{ROWS_PREFIX}{module}"
-        sites.append(MixedSite(module, kind, a.dtype, f"{prefix}.A", f"{prefix}.B",
-                               f"{prefix}.mask" if kind == "conv" else None,
+        sites.append(MixedSite(module, kind, a.dtype, f"{prefix}.A", f"{prefix}.B", f"{prefix}.mask",
+                               f"{prefix}.offset" if kind == "embedding" else None,
                                a.name, roles["lora_B"].name, roles["lora_scale"].name,
                                tuple(a.shape), tuple(roles["lora_B"].shape)))
     return sites
@@ -145,8 +159,10 @@ class _Builder:
         self.graph, self.site, self.dtype = graph, site, dtype
         self.nodes: list[ir.Node] = []
 
-    def input(self, name: str, shape: list) -> ir.Value:
-        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(self.dtype))
+    def input(self, name: str, shape: list | None, dtype: ir.DataType | None = None) -> ir.Value:
+        """A graph input; ``shape=None``: no declared rank (the layouts feed different ranks)."""
+        value = ir.Value(name=name, shape=None if shape is None else ir.Shape(shape),
+                         type=ir.TensorType(dtype or self.dtype))
         self.graph.inputs.append(value)
         return value
 
@@ -162,21 +178,29 @@ class _Builder:
 
     def rows(self, branch) -> ir.Value:
         s = self.site
-        a_shape, b_shape = s.a_shape, s.b_shape
-        features, out = int(a_shape[1]), int(b_shape[0])
+        features, out = int(s.a_shape[1]), int(s.b_shape[0])
         r = f"lora_rows_r.{s.module}"
-        a = self.input(s.a_name, ["lora_rows", features, r])
-        b = self.input(s.b_name, ["lora_rows", r, out])
+        a, b = self.input(s.a_name, None), self.input(s.b_name, None)
+        mask = self.input(s.mask_name, ["lora_rows_m", 1, r])
+        x = branch.lora_x
+        want = 2 if s.kind == "embedding" else 3
+        reshape = x.shape is None or len(x.shape) != want  # only where x is not known to be [rows, t(, in)]
         if s.kind == "embedding":
-            ids = self.add("Reshape", [branch.lora_x, self.const("ids_shape", np.array([0, -1], np.int64))], name="ids_rows")
-            ids = self.add("Cast", [ids], [ir.AttrInt64("to", ir.DataType.INT64)], name="ids_int64")
-            ids = self.add("Unsqueeze", [ids, self.const("ids_axes", np.array([-1], np.int64))], name="ids_nd")
-            after_a = self.add("GatherND", [a, ids], [ir.AttrInt64("batch_dims", 1)], name="lora_A")
+            if reshape:
+                x = self.add("Reshape", [x, self.const("ids_shape", np.array([0, -1], np.int64))], name="ids_rows")
+            if x.dtype != ir.DataType.INT64:
+                x = self.add("Cast", [x], [ir.AttrInt64("to", ir.DataType.INT64)], name="ids_int64")
+            offset = self.input(s.offset_name, ["lora_rows_o", 1], ir.DataType.INT64)
+            after_a = self.add("Gather", [a, self.add("Add", [x, offset], name="ids_offset")], name="lora_A")
         else:
-            x = self.add("Reshape", [branch.lora_x, self.const("x_shape", np.array([0, -1, features], np.int64))], name="x_rows")
+            if reshape:
+                x = self.add("Reshape", [x, self.const("x_shape", np.array([0, -1, features], np.int64))], name="x_rows")
             after_a = self.add("MatMul", [x, a], name="lora_A")
-        y = self.add("MatMul", [after_a, b], name="lora_B")
-        return self.add("Reshape", [y, self.add("Shape", [branch.base_input], name="base_shape")], name="branch")
+        scaled = self.add("Mul", [after_a, mask], name="lora_scale")
+        y = self.add("MatMul", [scaled, b], name="lora_B")
+        if reshape:
+            y = self.add("Reshape", [y, self.add("Shape", [branch.base_input], name="base_shape")], name="branch")
+        return y
 
     def conv(self, branch) -> ir.Value:
         s = self.site
@@ -190,12 +214,11 @@ class _Builder:
                 raise AdapterError(f"module {s.module!r}: grouped LoRA conv; mixed batches need group=1")
         a_shape, b_shape = s.a_shape, s.b_shape
         r = f"lora_rows_r.{s.module}"
+        spatial = len(a_shape) - 2
         a = self.input(s.a_name, [r, *a_shape[1:]])
         b = self.input(s.b_name, [b_shape[0], r, *b_shape[2:]])
-        mask = self.input(s.mask_name, ["lora_rows", r])
-        spatial = len(a_shape) - 2
+        mask = self.input(s.mask_name, ["lora_rows", r, *[1] * spatial])
         attrs = lambda n: [v for v in n.attributes.values() if v.name != "kernel_shape"]  # noqa: E731
         after_a = self.add("Conv", [branch.lora_x, a], attrs(a_conv), name="lora_A")
-        axes = self.const("mask_axes", np.arange(2, 2 + spatial, dtype=np.int64))
-        scaled = self.add("Mul", [after_a, self.add("Unsqueeze", [mask, axes], name="mask_nd")], name="lora_scale")
+        scaled = self.add("Mul", [after_a, mask], name="lora_scale")
         return self.add("Conv", [scaled, b], attrs(b_conv), name="lora_B")

@@ -80,9 +80,10 @@ def generate_stream(owner: "AdapterSession", input_ids, *, attention_mask=None, 
     config.check()
     ids, mask = _prompt(input_ids, attention_mask)
     if isinstance(adapter, (list, tuple)):  # one choice per row: the mixed form (graph_tools.runtime.mixed)
-        session, slot_values = owner._mixed_generation_session(adapter, ids.shape[0])
+        session, slot_values, step_values = owner._mixed_generation_session(adapter, *ids.shape)
     else:
         session, slot_values = owner._generation_session(owner._key(adapter))
+        step_values = None
     info = decoder_info_of(session, owner.package.path)
     total = ids.shape[1] + config.max_new_tokens
     if info.context_length and ids.shape[1] > info.context_length:
@@ -94,10 +95,12 @@ def generate_stream(owner: "AdapterSession", input_ids, *, attention_mask=None, 
     if ids.size and (ids.min() < 0 or ids.max() >= info.vocab_size):
         raise GenerationError(f"input_ids must be in [0, {info.vocab_size}) (vocabulary size)")
     eos = _eos(config.eos_token_id, info)
-    return _loop(session, slot_values, info, ids, mask, config, eos, owner.package.path)
+    return _loop(session, slot_values, info, ids, mask, config, eos, owner.package.path, step_values)
 
 
-def _loop(session, slot_values, info: DecoderInfo, ids, mask, config: GenerationConfig, eos, source):
+def _loop(session, slot_values, info: DecoderInfo, ids, mask, config: GenerationConfig, eos, source, step_values=None):
+    """``step_values``: adapter values for the decode steps when they differ from the prompt's
+    (a mixed batch: per-row stacked for the prompt, rank concat + row mask per token)."""
     batch = ids.shape[0]
     pad = info.pad_token_id if info.pad_token_id is not None else (eos[0] if eos else 0)
     rng = np.random.default_rng(config.seed)
@@ -141,6 +144,10 @@ def _loop(session, slot_values, info: DecoderInfo, ids, mask, config: Generation
         for (k_name, v_name), k_value, v_value in zip(past_names, values[1::2], values[2::2]):
             binding.bind_ortvalue_input(k_name, k_value)  # this step's presents are the next past
             binding.bind_ortvalue_input(v_name, v_value)
+        if step_values is not None:
+            for name, value in step_values.items():  # bound once, after the prompt step
+                binding.bind_ortvalue_input(name, value)
+            step_values = None
         step_ids = token[:, None]
         step_positions = step_positions[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)

@@ -208,14 +208,16 @@ class AdapterSession:
         return self._ort_run(session, output_names, full, run_options)
 
     def _run_mixed(self, output_names, feeds, choices: Sequence[AdapterChoice], run_options):
-        from graph_tools.runtime.mixed import check_rows
+        from graph_tools.runtime.mixed import check_rows, choose_layout, refuse_quantized, tokens_per_row
 
         self._check_feeds(feeds)
         keys = self._row_keys(choices)
         if len(set(keys)) == 1:  # every row the same: the package graph, one adapter
             return self.run(output_names, feeds, choices[0], run_options)
+        refuse_quantized(self)
         check_rows(feeds, len(keys))
-        session, values = self._mixed_session(keys)
+        layout = choose_layout(keys, tokens_per_row(feeds, self._required[0] if self._required else None))
+        session, values = self._mixed_session(keys, layout)
         return self._ort_run(session, output_names, {**feeds, **values}, run_options)
 
     def _row_keys(self, choices: Sequence[AdapterChoice]) -> tuple:
@@ -224,23 +226,30 @@ class AdapterSession:
             raise AdapterError("adapter=[] lists no row choices; give one per batch row")
         return keys
 
-    def _mixed_session(self, keys: tuple) -> tuple[ort.InferenceSession, dict[str, ort.OrtValue]]:
-        """The mixed-form session and the row values for ``keys`` (one per row; prepared once)."""
+    def _mixed_session(self, keys: tuple, layout: str) -> tuple[ort.InferenceSession, dict[str, ort.OrtValue]]:
+        """The mixed-form session and the row values for ``keys`` (one per row) in ``layout``
+        (prepared once per composition and layout)."""
         from graph_tools.runtime.mixed import MixedBatches
 
         with self._lock:
             if self._mixed is None:
                 self._mixed = MixedBatches(self)
-            return self._mixed.session, self._mixed.feed_for(keys)
+            return self._mixed.session, self._mixed.feed_for(keys, layout)
 
-    def _mixed_generation_session(self, choices: Sequence[AdapterChoice], rows: int):
-        """:meth:`_generation_session` for one choice per row (``generate(adapter=[...])``)."""
+    def _mixed_generation_session(self, choices: Sequence[AdapterChoice], rows: int, prompt_tokens: int):
+        """:meth:`_generation_session` for one choice per row (``generate(adapter=[...])``), plus
+        the values for the decode steps when they differ from the prompt's (else None)."""
+        from graph_tools.runtime.mixed import choose_layout, refuse_quantized
+
         keys = self._row_keys(choices)
         if len(set(keys)) == 1:
-            return self._generation_session(keys[0])
+            return (*self._generation_session(keys[0]), None)
+        refuse_quantized(self)
         if len(keys) != rows:
             raise AdapterError(f"adapter= lists {len(keys)} row choices but the prompt has {rows} rows")
-        return self._mixed_session(keys)
+        prompt_layout, step_layout = choose_layout(keys, prompt_tokens), choose_layout(keys, 1)
+        session, values = self._mixed_session(keys, prompt_layout)
+        return session, values, (None if step_layout == prompt_layout else self._mixed_session(keys, step_layout)[1])
 
     def _ort_run(self, session, output_names, feed, run_options):
         try:
