@@ -3,6 +3,12 @@
 export -> inspect -> extract -> (quantize) -> verify: base-only and every adapter are run from the
 package in one ORT session and compared with the PyTorch PEFT model. ``lora-onnx pipeline`` and
 ``lora-onnx demo`` are thin shells over :func:`pipeline`.
+
+``task="text-generation"`` (a causal LM): the export has a KV cache (``with_past=True``), the
+output also holds an ORT GenAI folder (``genai/``, with the base folder's tokenizer files when it
+has them), and verify compares, per adapter and for the base model, the greedy tokens
+``AdapterSession.generate`` produces with PEFT ``model.generate(do_sample=False)`` (a left-padded
+batch of prompts) besides the prefill logits.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +28,7 @@ import torch
 from graph_tools._io import atomic_output, check_output_folder, refuse_overlap
 from graph_tools.errors import AdapterError, LoraOnnxError, ModelLoadError, QuantizationError
 
-__all__ = ["pipeline", "PipelineResult", "AdapterCheck", "load_base", "QUANT_PRESETS"]
+__all__ = ["pipeline", "PipelineResult", "AdapterCheck", "load_base", "QUANT_PRESETS", "TASKS"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,10 @@ QUANT_PRESETS = {
 #: pass thresholds: fp32 package vs PyTorch (max abs), QDQ package vs PyTorch (cosine)
 FLOAT_TOLERANCE = 1e-4
 QDQ_MIN_COSINE = {"w8a16": 0.99, "w8a8": 0.95}
+#: ``feature-extraction``: outputs of one forward pass compared; ``text-generation``: a KV-cache
+#: decoder, greedy tokens compared with PEFT ``generate`` (see the module docstring)
+TASKS = ("feature-extraction", "text-generation")
+GENAI_DIR = "genai"
 
 
 @dataclasses.dataclass
@@ -48,6 +58,14 @@ class AdapterCheck:
     ms_per_run: float
     passed: bool
     layer_errors: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    # text-generation only: greedy tokens of the fp32 / QDQ package equal to PEFT's, out of all
+    tokens_same: int | None = None
+    tokens_total: int | None = None
+    qdq_tokens_same: int | None = None
+    #: the fp32 package's continuation per prompt row (new tokens only), and its text when the
+    #: base folder has a tokenizer
+    continuations: list[list[int]] = dataclasses.field(default_factory=list)
+    texts: list[str] | None = None
 
 
 @dataclasses.dataclass
@@ -60,26 +78,69 @@ class PipelineResult:
     checks: list[AdapterCheck]
     stage_seconds: dict[str, float]
     report_path: Path | None = None
+    task: str = "feature-extraction"
+    genai_dir: Path | None = None
+    #: text-generation: the prompt rows (ids, padding removed) and their text when known
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)
+    prompt_texts: list[str] | None = None
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
     def table(self) -> str:
-        head = ["adapter", "rank", "sites", "file KiB", "fp32 max abs", "fp32 cos", "qdq max abs", "qdq cos", "ms/run", "ok"]
-        rows = []
-        for c in self.checks:
-            rows.append([
-                c.adapter, c.rank, str(c.sites), f"{c.file_bytes / 1024:.1f}", f"{c.float_max_abs:.2e}", f"{c.float_cosine:.6f}",
-                "-" if c.qdq_max_abs is None else f"{c.qdq_max_abs:.2e}", "-" if c.qdq_cosine is None else f"{c.qdq_cosine:.5f}",
-                f"{c.ms_per_run:.2f}", "yes" if c.passed else "NO",
-            ])
+        head, rows = self.columns(), self.rows()
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         fmt = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths)).rstrip()  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
         lines.append("")
+        lines += self.generation_lines()
         lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
         return "\n".join(lines)
+
+    @property
+    def generation(self) -> bool:
+        return self.task == "text-generation"
+
+    def columns(self) -> list[str]:
+        if self.generation:
+            return ["adapter", "rank", "sites", "file KiB", "prefill max abs", "greedy == PEFT", "qdq cos", "qdq tokens",
+                    "ms/token", "ok"]
+        return ["adapter", "rank", "sites", "file KiB", "fp32 max abs", "fp32 cos", "qdq max abs", "qdq cos", "ms/run", "ok"]
+
+    def rows(self) -> list[list[str]]:
+        rows = []
+        for c in self.checks:
+            qcos = "-" if c.qdq_cosine is None else f"{c.qdq_cosine:.5f}"
+            if self.generation:
+                same = f"{c.tokens_same}/{c.tokens_total}"
+                qtok = "-" if c.qdq_tokens_same is None else f"{c.qdq_tokens_same}/{c.tokens_total}"
+                rows.append([c.adapter, c.rank, str(c.sites), f"{c.file_bytes / 1024:.1f}", f"{c.float_max_abs:.2e}", same,
+                             qcos, qtok, f"{c.ms_per_run:.2f}", "yes" if c.passed else "NO"])
+            else:
+                rows.append([
+                    c.adapter, c.rank, str(c.sites), f"{c.file_bytes / 1024:.1f}", f"{c.float_max_abs:.2e}",
+                    f"{c.float_cosine:.6f}", "-" if c.qdq_max_abs is None else f"{c.qdq_max_abs:.2e}", qcos,
+                    f"{c.ms_per_run:.2f}", "yes" if c.passed else "NO",
+                ])
+        return rows
+
+    def generation_lines(self) -> list[str]:
+        """Text-generation: each prompt's greedy continuation per adapter (text when known, else ids)."""
+        if not self.generation or not self.checks:
+            return []
+        lines = []
+        width = max(len(c.adapter) for c in self.checks)
+        for row, prompt in enumerate(self.prompts):
+            shown = self.prompt_texts[row] if self.prompt_texts else ",".join(map(str, prompt))
+            lines.append(f"prompt {row}: {shown!r}" if self.prompt_texts else f"prompt {row}: {shown}")
+            for c in self.checks:
+                text = c.texts[row] if c.texts else ",".join(map(str, c.continuations[row]))
+                lines.append(f"  {c.adapter.ljust(width)}  {text!r}" if c.texts else f"  {c.adapter.ljust(width)}  {text}")
+        if self.genai_dir is not None:
+            lines.append(f"ORT GenAI folder: {self.genai_dir}")
+        lines.append("")
+        return lines
 
 
 class _Progress:
@@ -97,8 +158,9 @@ class _Progress:
             self._bar.close()
 
 
-def load_base(base: str):
-    """``builtin:minilm``, ``builtin:tiny-llama`` or a local Hugging Face model folder."""
+def load_base(base: str, task: str | None = None):
+    """``builtin:minilm``, ``builtin:tiny-llama`` or a local Hugging Face model folder
+    (``task="text-generation"``: loaded as a causal LM)."""
     import transformers
 
     from exporters.demo_models import minilm_dir, tiny_llama_base
@@ -106,6 +168,8 @@ def load_base(base: str):
     if base == "builtin:tiny-llama":
         return tiny_llama_base()
     if base == "builtin:minilm":
+        if task == "text-generation":
+            raise ModelLoadError("builtin:minilm is an encoder; --task text-generation needs a causal LM")
         base = str(minilm_dir())
     elif base.startswith("builtin:"):
         raise ModelLoadError(f"unknown built-in model {base!r}; built-ins: builtin:minilm, builtin:tiny-llama")
@@ -116,10 +180,16 @@ def load_base(base: str):
         config = transformers.AutoConfig.from_pretrained(str(folder))
         arch = (config.architectures or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
-        if cls is None:
+        if task == "text-generation":
+            if arch and not (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):
+                raise ModelLoadError(f"{folder}: a {arch}, not a causal LM; --task text-generation needs one "
+                                     "(a *ForCausalLM model)")
+            if cls is None:
+                cls = transformers.AutoModelForCausalLM
+        elif cls is None:
             cls = transformers.AutoModel
         return cls.from_pretrained(str(folder)).eval()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{folder}: cannot load the model ({str(exc).splitlines()[0][:200]})") from None
 
 
@@ -187,8 +257,21 @@ def _compare(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float
     return err, cos
 
 
-def _calibration_feeds(calibration, model, n: int = 8) -> list[dict[str, np.ndarray]]:
+def _calibration_feeds(calibration, model, n: int = 8, task: str = "feature-extraction",
+                       tokenizer=None) -> list[dict[str, np.ndarray]]:
+    if task == "text-generation" and isinstance(calibration, (list, tuple)) and calibration \
+            and all(isinstance(t, str) for t in calibration):  # texts: one prefill per text
+        if tokenizer is None:
+            raise QuantizationError("calibration texts need a tokenizer: the base folder has no tokenizer.json and "
+                                    "tokenizer_config.json")
+        rows = [list(tokenizer.encode(t).ids) for t in calibration]
+        if not all(rows):
+            raise QuantizationError("a calibration text encodes to no tokens")
+        return _decoder_calibration(model, rows)
     if calibration is None:
+        if task == "text-generation":
+            return _decoder_calibration(model, [_example_inputs(model, 1, 16, seed=100 + i)["input_ids"][0].tolist()
+                                                for i in range(n)])
         return [{k: v.numpy() for k, v in _example_inputs(model, 1, 16, seed=100 + i).items()} for i in range(n)]
     if isinstance(calibration, (str, os.PathLike)):
         from graph_tools._feeds import read_npz, split_rows
@@ -197,6 +280,56 @@ def _calibration_feeds(calibration, model, n: int = 8) -> list[dict[str, np.ndar
     from graph_tools.quant.calibrate import iter_calibration
 
     return iter_calibration(calibration)
+
+
+def _decoder_calibration(model, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """Per token row: its prefill (empty past), and per adapter choice (base and each adapter) a
+    chunked step: the second half with the first half's cache, computed by PyTorch with that
+    choice, as past. The quantizer runs every adapter on every feed and an input has one encoding,
+    so the past inputs are calibrated on the caches of all choices (an empty past alone gives them
+    no range at all; the base model's cache alone is too narrow for an adapter's)."""
+    from transformers.cache_utils import DynamicCache
+
+    from exporters.decoder import decoder_info
+
+    info = decoder_info(model)
+    names = sorted({a for m in model.modules() if hasattr(m, "lora_A") for a in m.lora_A})
+    steps: list[tuple[np.ndarray, int]] = []
+    feeds = []
+    for row in rows:
+        ids = np.asarray([row], np.int64)
+        feeds.append(_decoder_feeds(model, {"input_ids": ids}))
+        if len(row) >= 2:
+            steps.append((ids, len(row) // 2))
+    for choice in [None, *names]:
+        _set_active(model, [choice] if choice else [])
+        for ids, k in steps:
+            with torch.no_grad():
+                out = model(input_ids=torch.from_numpy(ids[:, :k]), attention_mask=torch.ones(1, k, dtype=torch.int64),
+                            position_ids=torch.arange(k)[None], past_key_values=DynamicCache(), use_cache=True)
+            step = {"input_ids": ids[:, k:], "attention_mask": np.ones_like(ids), "position_ids": np.arange(k, ids.shape[1])[None]}
+            for i, layer in enumerate(out.past_key_values.layers):
+                step[info.past_key % i] = layer.keys.numpy()
+                step[info.past_value % i] = layer.values.numpy()
+            feeds.append(step)
+    _set_active(model, names)
+    return feeds
+
+
+def _decoder_feeds(model, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Prefill feeds of a KV-cache decoder graph: ids, mask, Hugging Face positions, empty past."""
+    from exporters.decoder import decoder_info, model_dtype
+
+    info = decoder_info(model)
+    ids = np.asarray(inputs["input_ids"], np.int64)
+    mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), np.int64)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": (np.cumsum(mask, -1) - 1) * (mask != 0)}
+    dtype = torch.empty(0, dtype=model_dtype(model)).numpy().dtype
+    empty = np.zeros((ids.shape[0], info.num_key_value_heads, 0, info.head_dim), dtype)
+    for i in range(info.num_hidden_layers):
+        feeds[info.past_key % i] = empty
+        feeds[info.past_value % i] = empty
+    return feeds
 
 
 def pipeline(
@@ -212,19 +345,37 @@ def pipeline(
     report: bool = True,
     activation_scope: str = "auto",
     model=None,
+    task: str | None = None,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 16,
 ) -> PipelineResult:
     """Run export -> inspect -> extract -> (quantize) -> verify (-> report.html) into ``out``.
 
     ``model``: an already built PEFT model (then ``base``/``adapters`` only label it).
+    ``task``: ``feature-extraction`` (default) or ``text-generation`` (see the module docstring);
+    for text generation, ``prompts`` (texts, encoded with the base folder's tokenizer; default:
+    random token ids) and ``max_new_tokens`` set what verify generates, and ``calibration`` may
+    also be a list of texts (one prefill each). Without calibration data, the quantizer sees
+    random token ids: fine for a random model, too far from real text for a trained one (the
+    demo calibrates on its corpus).
     """
     from exporters.peft_export import export_peft
     from graph_tools.adapters.extract import extract_adapters
+
     from graph_tools.lora import find_lora_sites
 
+    task = task or "feature-extraction"
+    if task not in TASKS:
+        raise LoraOnnxError(f"task must be one of {', '.join(TASKS)}; not {task!r}")
+    generation = task == "text-generation"
     if quantize not in ("none", *QUANT_PRESETS):
         raise QuantizationError(f"--quantize must be none, {', '.join(QUANT_PRESETS)}; not {quantize!r}")
     if quantize != "none" and (mode != "inputs" or pack):
         raise QuantizationError("quantization needs --mode inputs without --pack")
+    if generation and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0):
+        raise LoraOnnxError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+    if prompts is not None and not generation:
+        raise LoraOnnxError("prompts are for task='text-generation'")
     out = Path(out)
     # everything is read and checked before anything is written; the output appears whole or not at all
     sources = [Path(p) for p in adapters.values()]
@@ -237,21 +388,31 @@ def pipeline(
     times: dict[str, float] = {}
 
     t = time.perf_counter()
+    given = model is not None
     if model is None:
         bar = _Progress("load", 2, quiet)
-        base_model = load_base(base)
+        base_model = load_base(base, task)
         bar.step()
         model = _attach_adapters(base_model, adapters)
         bar.step()
     names = sorted({a for m in model.modules() if hasattr(m, "lora_A") for a in list(m.lora_A) + list(getattr(m, "lora_embedding_A", {}))})
-    feeds = _calibration_feeds(calibration, model) if quantize != "none" else None
+    tokenizer_dir = _tokenizer_dir(base) if generation else None
+    tokenizer = None
+    if tokenizer_dir is not None:
+        from graph_tools.runtime.generate import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+    prompt = _prompts(model, prompts, tokenizer, max_new_tokens) if generation else None
+    feeds = _calibration_feeds(calibration, model, task=task, tokenizer=tokenizer) if quantize != "none" else None
     times["load"] = time.perf_counter() - t
 
     with atomic_output(out, marker="package") as tmp:
         t = time.perf_counter()
         bar = _Progress("export", 1, quiet)
         example = _example_inputs(model, 1, 8, seed=0)
-        export = export_peft(model, example, tmp / "export" / "model.onnx")
+        if generation:
+            example = {k: example[k] for k in ("input_ids", "attention_mask")}
+        export = export_peft(model, example, tmp / "export" / "model.onnx", with_past=generation)
         bar.step()
         times["export"] = time.perf_counter() - t
 
@@ -261,7 +422,17 @@ def pipeline(
 
         t = time.perf_counter()
         package = extract_adapters(export.path, tmp / "package", mode=mode, pack=pack)
+        package = _name_sources(package, base, adapters, given)
         times["extract"] = time.perf_counter() - t
+
+        genai_dir = None
+        if generation and mode == "inputs":
+            from graph_tools.runtime.genai import write_genai_folder
+
+            t = time.perf_counter()
+            write_genai_folder(package, tmp / GENAI_DIR, tokenizer_dir=tokenizer_dir)
+            genai_dir = out.resolve() / GENAI_DIR
+            times["genai"] = time.perf_counter() - t
 
         served = package
         if quantize != "none":
@@ -274,11 +445,18 @@ def pipeline(
             times["quantize"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        checks = _verify(model, names, sites, package, served, quantize, quiet)
+        if generation:
+            checks = _verify_generation(model, names, sites, package, served, quantize, quiet, prompt)
+        else:
+            checks = _verify(model, names, sites, package, served, quantize, quiet)
         times["verify"] = time.perf_counter() - t
 
         final = out.resolve()
-        result = PipelineResult(final, final / "package", final / served.path.name, quantize, sites, checks, times)
+        result = PipelineResult(final, final / "package", final / served.path.name, quantize, sites, checks, times, task=task,
+                                genai_dir=genai_dir)
+        if generation:
+            result.prompts = prompt.rows
+            result.prompt_texts = prompt.texts
         if report:
             from graph_tools.report import write_report
 
@@ -287,6 +465,26 @@ def pipeline(
             result.report_path = final / "report.html"
             times["report"] = time.perf_counter() - t
     return result
+
+
+def _name_sources(package, base: str, adapters: Mapping[str, str | os.PathLike], given: bool):
+    """The manifest names where the weights came from: the user's adapter folders (``peft:<dir>``)
+    and base model (``extra.base``), not the pipeline's temporary export."""
+    from graph_tools.adapters import manifest as mf
+    from graph_tools.adapters.load import load_package
+
+    label = base if base.startswith("builtin:") or given and not Path(base).is_dir() else str(Path(base).resolve())
+
+    def source(name: str) -> str:
+        if name in adapters:
+            return f"peft:{Path(adapters[name]).resolve()}"
+        return f"model:{label}"
+
+    man = package.manifest
+    new = dataclasses.replace(man, adapters=[dataclasses.replace(a, source=source(a.name)) for a in man.adapters],
+                              extra={**man.extra, "base": label})
+    mf.write_manifest(package.path, new)
+    return load_package(package.path)
 
 
 def _verify(model, names, sites, package, served, quantize, quiet) -> list[AdapterCheck]:
@@ -324,6 +522,160 @@ def _verify(model, names, sites, package, served, quantize, quiet) -> list[Adapt
         bar.step()
     _set_active(model, names)
     return checks
+
+
+@dataclasses.dataclass
+class _Prompt:
+    ids: np.ndarray  # [batch, prompt] int64, left-padded
+    mask: np.ndarray
+    rows: list[list[int]]  # without padding
+    texts: list[str] | None
+    tokenizer: object | None
+    pad: int
+    eos: list[int]
+    max_new_tokens: int
+
+
+def _tokenizer_dir(base: str) -> Path | None:
+    """The base folder, when it holds the tokenizer files og.Tokenizer and ``--prompt`` need."""
+    from graph_tools.runtime.genai import TOKENIZER_REQUIRED
+
+    folder = Path(base)
+    if base.startswith("builtin:") or not all((folder / n).is_file() for n in TOKENIZER_REQUIRED):
+        return None
+    return folder
+
+
+def _prompts(model, prompts, tokenizer, max_new_tokens: int) -> _Prompt:
+    """The verify batch: the given prompt texts, or two rows of seeded random ids (8 and 5 tokens)."""
+    from exporters.decoder import decoder_info
+
+    info = decoder_info(model)
+    eos = list(info.eos_token_id)
+    pad = info.pad_token_id if info.pad_token_id is not None else (eos[0] if eos else 0)
+    if prompts is not None:
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise LoraOnnxError("prompts must be a non-empty list of non-empty texts")
+        if tokenizer is None:
+            raise LoraOnnxError("prompts need a tokenizer: the base folder has no tokenizer.json and tokenizer_config.json")
+        rows = [list(tokenizer.encode(p).ids) for p in prompts]
+        if not all(rows):
+            raise LoraOnnxError("a prompt encodes to no tokens")
+    else:
+        special = {pad, *eos, *([info.bos_token_id] if info.bos_token_id is not None else [])}
+        pool = np.array([t for t in range(info.vocab_size) if t not in special])
+        rng = np.random.default_rng(0)
+        rows = [rng.choice(pool, n).tolist() for n in (8, 5)]
+    width = max(len(r) for r in rows)
+    if info.context_length and width + max_new_tokens > info.context_length:
+        raise LoraOnnxError(f"a prompt of {width} tokens + max_new_tokens {max_new_tokens} exceeds the model's context "
+                            f"of {info.context_length} tokens")
+    ids = np.full((len(rows), width), pad, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    texts = list(prompts) if prompts is not None else (
+        [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if tokenizer is not None else None)
+    return _Prompt(ids, mask, rows, texts, tokenizer, int(pad), [int(e) for e in eos], max_new_tokens)
+
+
+def _peft_generate(model, adapter, prompt: _Prompt) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch prefill logits and PEFT ``generate(do_sample=False)`` ids for one adapter choice."""
+    from transformers import GenerationConfig
+
+    _set_active(model, [adapter] if adapter else [])
+    ids, mask = torch.from_numpy(prompt.ids), torch.from_numpy(prompt.mask)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    # a fresh config: sampling, penalties ... a base folder's generation_config.json may set are not greedy
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=prompt.max_new_tokens,
+                              pad_token_id=prompt.pad, eos_token_id=prompt.eos or None)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return logits.float().numpy(), generated.numpy()
+
+
+def _token_agreement(ref: np.ndarray, got: np.ndarray, start: int) -> tuple[int, int]:
+    """Generated positions equal in both, out of all generated positions (the longer one counts)."""
+    width = max(ref.shape[1], got.shape[1]) - start
+    a = np.full((ref.shape[0], width), -1, np.int64)
+    b = np.full((ref.shape[0], width), -2, np.int64)
+    a[:, : ref.shape[1] - start] = ref[:, start:]
+    b[:, : got.shape[1] - start] = got[:, start:]
+    return int((a == b).sum()), int(a.size)
+
+
+def _continuations(generated: np.ndarray, prompt: _Prompt) -> list[list[int]]:
+    """The new tokens of each row, up to and including its eos (the padding after it dropped)."""
+    rows = []
+    for row in generated[:, prompt.ids.shape[1]:].tolist():
+        for i, token in enumerate(row):
+            if token in prompt.eos:
+                row = row[: i + 1]
+                break
+        rows.append(row)
+    return rows
+
+
+def _verify_generation(model, names, sites, package, served, quantize, quiet, prompt: _Prompt) -> list[AdapterCheck]:
+    from graph_tools.runtime.session import AdapterSession
+
+    feeds = _decoder_feeds(model, {"input_ids": prompt.ids, "attention_mask": prompt.mask})
+    keep = prompt.mask.astype(bool)
+    start = prompt.ids.shape[1]
+    float_session = AdapterSession(package.path)
+    q_session = AdapterSession(served.path) if served is not package else None
+    probe = _LayerProbe(float_session, q_session) if q_session is not None else None
+    checks = []
+    choices: list[str | None] = [None, *names]
+    bar = _Progress("verify", len(choices), quiet)
+    for adapter in choices:
+        ref_logits, ref_ids = _peft_generate(model, adapter, prompt)
+        f_logits = float_session.run(["logits"], feeds, adapter=adapter)[0]
+        f_err, f_cos = _compare([ref_logits[keep]], [f_logits[keep]])
+        got = float_session.generate(prompt.ids, attention_mask=prompt.mask, adapter=adapter,
+                                     max_new_tokens=prompt.max_new_tokens)
+        same, total = _token_agreement(ref_ids, got, start)
+        q_err = q_cos = q_same = None
+        layer_errors: list[tuple[str, float]] = []
+        session = float_session
+        if q_session is not None:
+            q_logits = q_session.run(["logits"], feeds, adapter=adapter)[0]
+            q_err, q_cos = _compare([ref_logits[keep]], [q_logits[keep]])
+            q_got = q_session.generate(prompt.ids, attention_mask=prompt.mask, adapter=adapter,
+                                       max_new_tokens=prompt.max_new_tokens)
+            q_same, _ = _token_agreement(ref_ids, q_got, start)
+            layer_errors = probe.errors(feeds, adapter)
+            session = q_session
+        ms = _ms_per_token(session, prompt, adapter)
+        spec = next((a for a in served.manifest.adapters if a.name == adapter), None)
+        size = (served.path / spec.file).stat().st_size if spec else 0
+        ranks = sorted(set(spec.rank.values())) if spec and isinstance(spec.rank, dict) else ([spec.rank] if spec else [])
+        n_sites = sum(1 for s in sites if s.adapter == adapter) if adapter else 0
+        ok = same == total and f_err <= FLOAT_TOLERANCE and (q_cos is None or q_cos >= QDQ_MIN_COSINE[quantize])
+        rows = _continuations(got, prompt)
+        texts = [prompt.tokenizer.decode(r, skip_special_tokens=True) for r in rows] if prompt.tokenizer is not None else None
+        checks.append(AdapterCheck(
+            adapter or "(base)", "-".join(map(str, ranks)) or "-", n_sites, size, f_err, f_cos, q_err, q_cos, ms, ok, layer_errors,
+            tokens_same=same, tokens_total=total, qdq_tokens_same=q_same, continuations=rows, texts=texts,
+        ))
+        bar.step()
+    _set_active(model, names)
+    return checks
+
+
+def _ms_per_token(session, prompt: _Prompt, adapter, runs: int = 3) -> float:
+    """Median ms per generated token at batch 1 (the first prompt row, no eos stop)."""
+    ids = np.asarray([prompt.rows[0]], np.int64)
+    n = prompt.max_new_tokens
+    session.generate(ids, adapter=adapter, max_new_tokens=n, eos_token_id=[])
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.generate(ids, adapter=adapter, max_new_tokens=n, eos_token_id=[])
+        times.append((time.perf_counter() - t) * 1000 / n)
+    return float(np.median(times))
 
 
 def _latency(session, feeds, adapter, runs: int = 7) -> float:

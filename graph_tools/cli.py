@@ -70,19 +70,23 @@ def _quiet_transformers(args) -> None:
     hf_logging.set_verbosity_error()
 
 
-def _run_pipeline(args, base: str, adapters: dict[str, str]) -> int:
+def _pipeline_result(args, base: str, adapters: dict[str, str], **kwargs):
     from exporters.pipelines import pipeline
 
     _quiet_transformers(args)
-
     result = pipeline(base, adapters, args.output, quantize=args.quantize, calibration=getattr(args, "calibration", None),
                       mode=getattr(args, "mode", "inputs"), pack=getattr(args, "pack", False), quiet=args.quiet,
-                      activation_scope=args.activation_scope)
+                      activation_scope=args.activation_scope, **kwargs)
     print(format_site_table(result.sites))
     print()
     print(result.table())
     if result.report_path:
         print(f"\nreport: {result.report_path}")
+    return result
+
+
+def _run_pipeline(args, base: str, adapters: dict[str, str], **kwargs) -> int:
+    result = _pipeline_result(args, base, adapters, **kwargs)
     if not result.passed:
         print("error: verification failed (see the table)", file=sys.stderr)
     return 0 if result.passed else 1
@@ -95,11 +99,16 @@ def _cmd_pipeline(args) -> int:
         if not sep or not name or not path:
             raise LoraOnnxError(f"--adapter takes NAME=PEFT_DIR, got {item!r}")
         adapters[name] = path
-    return _run_pipeline(args, args.base, adapters)
+    kwargs = {}
+    if args.task == "text-generation":
+        kwargs = dict(prompts=args.prompt, max_new_tokens=16 if args.max_new_tokens is None else args.max_new_tokens)
+    elif args.prompt or args.max_new_tokens is not None:
+        raise LoraOnnxError("--prompt and --max-new-tokens are for --task text-generation")
+    return _run_pipeline(args, args.base, adapters, task=args.task, **kwargs)
 
 
 def _cmd_demo(args) -> int:
-    from exporters.demo_models import minilm_dir, train_demo_adapters
+    from exporters.demo_models import generation_demo, minilm_dir, train_demo_adapters
 
     import shutil
     import tempfile
@@ -112,9 +121,23 @@ def _cmd_demo(args) -> int:
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.adapters-", dir=out.parent) as scratch:
         _say(args, "training two LoRA adapters on MiniLM (built-in tasks) ...")
         adapters = train_demo_adapters(minilm_dir(), Path(scratch) / "peft_adapters")
-        code = _run_pipeline(args, "builtin:minilm", {k: str(v) for k, v in adapters.items()})
+        result = _pipeline_result(args, "builtin:minilm", {k: str(v) for k, v in adapters.items()})
         shutil.move(str(Path(scratch) / "peft_adapters"), str(out / "peft_adapters"))
-    return code
+    _say(args, "\ntext generation: training a small language model and two topic adapters (sports, cooking) ...")
+    gen = generation_demo(out / "generation", quantize=args.quantize, activation_scope=args.activation_scope, quiet=args.quiet)
+    print(gen.table())
+    if result.report_path:
+        from graph_tools.report import write_report
+
+        write_report(result, result.report_path, companions=[("Text generation", gen, "generation/report.html")])
+        print(f"report: {result.report_path} (text generation: {gen.report_path})")
+    given = Path(args.output)
+    print(f"try: lora-onnx generate {given / 'generation' / 'package'} --adapter sports --prompt 'the' "
+          f"--tokenizer {given / 'generation' / 'genai'}")
+    passed = result.passed and gen.passed
+    if not passed:
+        print("error: verification failed (see the tables)", file=sys.stderr)
+    return 0 if passed else 1
 
 
 def _cmd_extract(args) -> int:
@@ -375,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="local HF model folder, builtin:minilm or builtin:tiny-llama")
     p.add_argument("--adapter", action="append", help="NAME=PEFT_DIR (repeat)")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--task", choices=["feature-extraction", "text-generation"], default="feature-extraction",
+                   help="text-generation: KV-cache export, ORT GenAI folder, greedy tokens compared with PEFT generate")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-generation: a verify prompt (repeat; needs the base folder's tokenizer; default: random ids)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="text-generation: tokens verify generates (16)")
     p.add_argument("--quantize", choices=["w8a16", "w8a8", "none"], default="w8a16")
     p.add_argument("--calibration", default=None, help=".npz of input arrays; one row per calibration batch")
     p.add_argument("--mode", choices=["inputs", "external"], default="inputs")

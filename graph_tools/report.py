@@ -6,6 +6,8 @@ import html
 import re
 from pathlib import Path
 
+from graph_tools._io import atomic_file
+
 __all__ = ["write_report"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -60,8 +62,39 @@ def _lines(title: str, series: dict[str, list[tuple[str, float]]], ident: str) -
     return f"<h3>{html.escape(title)}</h3>" + "".join(parts)
 
 
-def write_report(result, path: str | Path) -> Path:
-    """Write ``report.html`` for a :class:`exporters.pipeline.PipelineResult`."""
+def _generation(result) -> str:
+    """Text generation: each prompt's greedy continuation per adapter, side by side."""
+    if not getattr(result, "generation", False) or not result.checks:
+        return ""
+    parts = ["<h2 id='generation'>Generation</h2>",
+             f"<p>Greedy continuations ({html.escape(str(result.checks[0].tokens_total // max(len(result.prompts), 1)))} new "
+             "tokens at most) from one ONNX Runtime session, switching adapters per call; every row equals PEFT "
+             "<code>generate(do_sample=False)</code> when the summary's <i>greedy == PEFT</i> is full.</p>"]
+    for row, prompt in enumerate(result.prompts):
+        shown = result.prompt_texts[row] if result.prompt_texts else ",".join(map(str, prompt))
+        parts.append(f"<h3>Prompt {row}: <code>{html.escape(shown)}</code></h3>")
+        cells = []
+        for c in result.checks:
+            text = c.texts[row] if c.texts else ",".join(map(str, c.continuations[row]))
+            cells.append([c.adapter, text, f"{c.tokens_same}/{c.tokens_total}"])
+        parts.append(_table(["adapter", "continuation", "greedy == PEFT (all rows)"], cells, "generation"))
+    if result.genai_dir is not None:
+        parts.append(f"<p>ORT GenAI folder: <code>{html.escape(result.genai_dir.name)}/</code> "
+                     "(genai_config.json, model.onnx, adapters/*.onnx_adapter).</p>")
+    return "".join(parts)
+
+
+def _companion(title: str, other, href: str) -> str:
+    """Another run of the same invocation (the demo's text generation), summarized with a link."""
+    status = "PASSED" if other.passed else "FAILED"
+    return (f"<h2 id='companion'>{html.escape(title)}</h2><p class='{status.lower()}'>Verification {status} "
+            f"({len(other.checks)} runs); full report: <a href='{html.escape(href)}'>{html.escape(href)}</a>.</p>"
+            + _table(other.columns(), other.rows(), "summary") + _generation(other))
+
+
+def write_report(result, path: str | Path, *, companions=()) -> Path:
+    """Write ``report.html`` for a :class:`exporters.pipeline.PipelineResult`; ``companions``:
+    ``(title, PipelineResult, relative link)`` of related runs shown after the summary."""
     path = Path(path)
     sites = result.sites
     per_layer: dict[str, int] = {}
@@ -69,26 +102,21 @@ def write_report(result, path: str | Path) -> Path:
         m = re.search(r"(?:layers?|layer|h|blocks?)\.(\d+)\.", s.module)
         key = f"layer {int(m.group(1)):02d}" if m else "other"
         per_layer[key] = per_layer.get(key, 0) + 1
-    summary = _table(
-        ["adapter", "rank", "sites", "file KiB", "fp32 max abs", "fp32 cosine", "qdq max abs", "qdq cosine", "ms/run", "ok"],
-        [[c.adapter, c.rank, c.sites, f"{c.file_bytes / 1024:.1f}", f"{c.float_max_abs:.2e}", f"{c.float_cosine:.6f}",
-          "-" if c.qdq_max_abs is None else f"{c.qdq_max_abs:.2e}", "-" if c.qdq_cosine is None else f"{c.qdq_cosine:.5f}",
-          f"{c.ms_per_run:.2f}", "yes" if c.passed else "NO"] for c in result.checks],
-        "summary",
-    )
+    summary = _table(result.columns(), result.rows(), "summary")
     site_table = _table(["module", "adapter", "kind", "rank", "in", "out"],
                         [[s.module, s.adapter, s.kind, s.rank, s.in_features, s.out_features] for s in sites], "sites")
     status = "PASSED" if result.passed else "FAILED"
     body = [
         f"<h1>lora-onnx pipeline report</h1><p id='status' class='{status.lower()}'>Verification {status}: "
         f"{len(result.checks)} runs (base + {len(result.checks) - 1} adapters), quantization: {html.escape(result.quantize)}.</p>",
-        "<h2>Summary</h2>", summary,
+        "<h2>Summary</h2>", summary, _generation(result), *(_companion(*c) for c in companions),
         "<h2>Stages</h2>", _table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in result.stage_seconds.items()]),
         "<h2>LoRA sites</h2>", _bars("LoRA sites per layer", sorted(per_layer.items()), "sites", "sites-per-layer"),
         _lines("Quantization error per layer (relative L2 error of each site output, QDQ vs fp32)",
                {c.adapter: c.layer_errors for c in result.checks}, "quant-error"),
         _bars("Adapter file size", [(c.adapter, c.file_bytes / 1024) for c in result.checks if c.file_bytes], "KiB", "file-sizes"),
-        _bars("Latency per run (served package)", [(c.adapter, c.ms_per_run) for c in result.checks], "ms", "latency"),
+        _bars("Latency per generated token, batch 1 (served package)" if getattr(result, "generation", False)
+              else "Latency per run (served package)", [(c.adapter, c.ms_per_run) for c in result.checks], "ms", "latency"),
         "<h2>Site table</h2>", site_table,
     ]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
@@ -96,5 +124,6 @@ def write_report(result, path: str | Path) -> Path:
              ".passed{color:#1a7f37;font-weight:bold}.failed{color:#c00;font-weight:bold}")
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>lora-onnx report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
-    path.write_text(page, encoding="utf-8")
+    with atomic_file(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

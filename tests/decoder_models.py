@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-__all__ = ["FAMILIES", "VOCAB", "causal_lm", "reference_step"]
+__all__ = ["FAMILIES", "VOCAB", "causal_lm", "reference_step", "save_hf_folders"]
 
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, attn_implementation="eager", use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -37,13 +37,46 @@ _SPECS = {
 FAMILIES = tuple(_SPECS)
 
 
-def causal_lm(family: str, seed: int = 4321):
+def _base(family: str, seed: int, **overrides):
     import transformers
 
-    config_name, kwargs, first, second = _SPECS[family]
-    config = getattr(transformers, config_name)(**_COMMON, **kwargs)
+    config_name, kwargs, _, _ = _SPECS[family]
+    config = getattr(transformers, config_name)(**_COMMON, **{**kwargs, **overrides})
     torch.manual_seed(seed)
-    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_hf_folders(family: str, root, *, seed: int = 4321, lora_scale: float = 0.1):
+    """What a user has on disk: the base model saved with ``save_pretrained`` in ``root/base`` and
+    two PEFT adapters (``default``'s and ``second``'s configs of :func:`causal_lm`, random weights
+    of trained-adapter size) saved with PEFT's ``save_pretrained`` in ``root/a`` and ``root/b``.
+    Returns ``(base_dir, {"a": dir, "b": dir})``."""
+    from pathlib import Path
+
+    import transformers
+
+    root = Path(root)
+    _, _, first, second = _SPECS[family]
+    _base(family, seed).save_pretrained(root / "base")
+    lora = dict(lora_dropout=0.0, init_lora_weights=False, fan_in_fan_out=family == "gpt2")
+    folders = {}
+    for k, (name, cfg) in enumerate({"a": LoraConfig(r=4, lora_alpha=8, target_modules=first, **lora),
+                                     "b": LoraConfig(r=2, lora_alpha=6, target_modules=second, **lora)}.items()):
+        model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(root / "base"), cfg)
+        g = torch.Generator().manual_seed(seed + 10 + k)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if ".lora_" in pname:
+                    param.copy_(torch.randn(param.shape, generator=g) * (1.0 if "lora_A" in pname else lora_scale))
+        model.save_pretrained(root / name)
+        folders[name] = root / name
+    return root / "base", folders
+
+
+def causal_lm(family: str, seed: int = 4321, **config):
+    """``config``: config fields to override (``sliding_window=4`` ...)."""
+    _, _, first, second = _SPECS[family]
+    base = _base(family, seed, **config)
     conv1d = family == "gpt2"
     lora = dict(lora_dropout=0.0, init_lora_weights=False, fan_in_fan_out=conv1d)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=first, **lora))

@@ -85,3 +85,136 @@ def test_pipeline_bad_input(args, message, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ --task text-generation
+
+CORPUS = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "we like green tea and red apples"]
+
+
+@pytest.fixture(scope="module")
+def causal_folders(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained (with a tokenizer) and two PEFT adapter folders."""
+    import decoder_models
+    from exporters.demo_models import byte_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("causal")
+    base, adapters = decoder_models.save_hf_folders("llama", root)
+    tok = byte_bpe_tokenizer(CORPUS, base, vocab_size=90)
+    assert tok.eos_token_id == 2 and len(tok) <= decoder_models.VOCAB
+    return base, adapters
+
+
+@pytest.fixture(scope="module")
+def generation_run(causal_folders, tmp_path_factory):
+    base, adapters = causal_folders
+    out = tmp_path_factory.mktemp("gen") / "out"
+    res = _cli("pipeline", "--task", "text-generation", "--base", str(base), "--adapter", f"a={adapters['a']}",
+               "--adapter", f"b={adapters['b']}", "-o", str(out), "--quantize", "none", "--prompt", "the cat",
+               "--prompt", "we like red", "--max-new-tokens", "12", "-q")
+    return out, res
+
+
+def test_text_generation_pipeline_cli(generation_run, causal_folders):
+    import json
+
+    out, res = generation_run
+    base, adapters = causal_folders
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stderr == ""
+    # the summary: greedy tokens == PEFT generate for the base model and each adapter (2 prompts x 12)
+    for name in ("(base)", "a", "b"):
+        row = next(line for line in res.stdout.splitlines() if line.startswith(name + " "))
+        assert " 24/24 " in row and row.rstrip().endswith("yes"), row
+    assert "greedy == PEFT" in res.stdout and "prompt 0: 'the cat'" in res.stdout
+    # the manifest names the user's folders, not the pipeline's temporary export
+    manifest = json.loads((out / "package" / "manifest.json").read_text())
+    assert {a["name"]: a["source"] for a in manifest["adapters"]} == {n: f"peft:{d.resolve()}" for n, d in adapters.items()}
+    assert manifest["extra"]["base"] == str(base.resolve())
+    assert ".tmp" not in json.dumps(manifest)
+    # the genai folder, with the base folder's tokenizer files
+    genai = out / "genai"
+    for name in ("genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json", "adapters/a.onnx_adapter",
+                 "adapters/b.onnx_adapter"):
+        assert (genai / name).is_file(), name
+    assert "id='generation'" in (out / "report.html").read_text()
+
+
+def test_text_generation_genai_folder_generates_like_the_package(generation_run):
+    """The folder the pipeline wrote loads in onnxruntime-genai and gives the package's greedy tokens."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from graph_tools.runtime.session import AdapterSession
+
+    out, res = generation_run
+    assert res.returncode == 0, res.stderr
+    session = AdapterSession(out / "package")
+    model = og.Model(str(out / "genai"))
+    tokenizer = og.Tokenizer(model)
+    adapters = og.Adapters(model)
+    adapters.load(str(out / "genai" / "adapters" / "b.onnx_adapter"), "b")
+    ids = [int(i) for i in tokenizer.encode("the dog")]
+    for choice in (None, "b"):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+        generator = og.Generator(model, params)
+        if choice:
+            generator.set_active_adapter(adapters, choice)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+        got = [int(t) for t in generator.get_sequence(0)]
+        want = session.generate(np.array([ids]), adapter=choice, max_new_tokens=8)[0].tolist()
+        assert got == want[: len(got)] and len(got) > len(ids), choice
+
+
+def test_text_generation_python_api_quantized(causal_folders, tmp_path):
+    """Python API, random-id prompts, W8A16: fp32 tokens == PEFT, QDQ logits close, QDQ tokens reported."""
+    from exporters import pipeline
+
+    base, adapters = causal_folders
+    result = pipeline(str(base), adapters, tmp_path / "o", task="text-generation", quantize="w8a16", quiet=True, report=False,
+                      max_new_tokens=6)
+    assert result.passed, result.table()
+    assert [c.adapter for c in result.checks] == ["(base)", "a", "b"]
+    for c in result.checks:
+        assert c.tokens_same == c.tokens_total == 12 and c.float_max_abs <= 1e-4
+        assert c.qdq_cosine > 0.99 and c.qdq_tokens_same is not None
+    assert result.prompt_texts is not None and len(result.prompts) == 2  # decoded with the base folder's tokenizer
+    assert len({tuple(c.continuations[0]) for c in result.checks}) == 3  # the adapters change the continuation
+    assert (tmp_path / "o" / "quantized" / "encodings" / "a.encodings").is_file()
+
+
+def test_text_generation_refuses_an_encoder(hf_folders, tmp_path, capsys):
+    from graph_tools import cli
+
+    base, adapters = hf_folders
+    code = cli.main(["pipeline", "--task", "text-generation", "--base", str(base), "--adapter", f"alpha={adapters['alpha']}",
+                     "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_generation_demo_at_reduced_size(tmp_path):
+    """The demo's generation half (fewer training steps): a small LM and two topic adapters trained
+    in-process, greedy continuations from one session == PEFT generate, shown in the report."""
+    from exporters.demo_models import DEMO_LM_ADAPTERS, DEMO_LM_PROMPTS, generation_demo
+    from graph_tools.report import write_report
+
+    out = tmp_path / "demo" / "generation"
+    result = generation_demo(out, quantize="w8a16", quiet=True, base_steps=60, adapter_steps=40, max_new_tokens=10)
+    assert result.passed, result.table()
+    assert [c.adapter for c in result.checks] == ["(base)", *sorted(DEMO_LM_ADAPTERS)]
+    assert result.prompt_texts == DEMO_LM_PROMPTS
+    for c in result.checks:
+        assert c.tokens_same == c.tokens_total > 0 and c.texts and all(isinstance(t, str) for t in c.texts)
+    assert len({tuple(c.continuations[0]) for c in result.checks}) == len(result.checks)  # the adapters change it
+    for name in ("base/tokenizer.json", "base/config.json", *(f"{a}/adapter_config.json" for a in DEMO_LM_ADAPTERS)):
+        assert (out / "text_model" / name).is_file(), name
+    page = (out / "report.html").read_text()
+    assert "id='generation'" in page and result.checks[1].texts[0].strip()[:8] in page
+    # the demo's main report shows the generation run as a companion section
+    main = write_report(result, tmp_path / "main.html", companions=[("Text generation", result, "generation/report.html")])
+    assert "id='companion'" in main.read_text() and "generation/report.html" in main.read_text()

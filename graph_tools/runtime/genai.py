@@ -169,7 +169,9 @@ def write_genai_folder(
         adapters[spec.name] = path
     with atomic_output(out, overwrite=False) as tmp:
         for name in (MODEL_FILE, *data_files):
-            _link_or_copy(pkg.path / name, tmp / name)
+            # a copy, not a hard link: onnx_ir refuses to load external data with several links
+            # (a hard-link guard), which would make the package itself unloadable afterwards
+            shutil.copyfile(pkg.path / name, tmp / name)
         (tmp / "adapters").mkdir()
         for name, path in adapters.items():
             target = tmp / "adapters" / f"{name}{files.ADAPTER_SUFFIX['onnx_adapter']}"
@@ -201,11 +203,3 @@ def _check_io(model: ir.Model, info: DecoderInfo, source: Path) -> None:
     for name in want_out:
         if name not in outputs:
             raise PackageError(f"{source}: decoder output {name!r} is missing from the graph")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link when the file system allows it (packages are never written in place), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
