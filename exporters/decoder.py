@@ -12,7 +12,9 @@ take as an input. :class:`DecoderWrapper` takes flat tensors instead and builds 
          present.{i}.key / .value     [batch, kv_heads, total_sequence, head_dim]
 
 A zero-length past is a prefill. The cache layers are plain ``DynamicLayer``s (a Concat in the
-graph); the LoRA branches stay unmerged like every other ``export_peft`` graph. What generation
+graph); the LoRA branches stay unmerged like every other ``export_peft`` graph. The attention mask
+is built inside the traced ``forward``, so a Mistral ``sliding_window`` is part of the graph (the
+cache keeps every position; the mask hides those outside the window; tested past the window). What generation
 needs is written to the model's metadata (see :mod:`graph_tools.runtime.decoder` for the keys).
 """
 

@@ -153,3 +153,31 @@ def test_with_past_refuses_other_example_inputs(decoders):
         export_peft(model, {"input_ids": ids, "token_type_ids": ids}, "unused.onnx", with_past=True)
     with pytest.raises(ExportError, match="dynamic_shapes"):
         export_peft(model, {"input_ids": ids}, "unused.onnx", with_past=True, dynamic_shapes={})
+
+
+def test_mistral_sliding_window_is_applied(tmp_path):
+    """A prompt longer than Mistral's sliding_window: the window is in the graph (ORT == PyTorch,
+    which differs from full attention), for the prefill and for generation past the window."""
+    from graph_tools import extract_adapters
+    from graph_tools.runtime.session import AdapterSession
+
+    model = decoder_models.causal_lm("mistral", sliding_window=4)
+    export_peft(model, {"input_ids": _ids(1, 4, 0), "attention_mask": torch.ones(1, 4, dtype=torch.int64)},
+                tmp_path / "m.onnx", with_past=True)
+    session = AdapterSession(extract_adapters(tmp_path / "m.onnx", tmp_path / "pkg").path)
+    ids = _ids(1, 12, 5)
+    mask = torch.ones_like(ids)
+    model.set_adapter("default")
+    want, _ = decoder_models.reference_step(model, ids, mask)
+    empty = np.zeros((1, 2, 0, 8), np.float32)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": np.arange(12)[None],
+             "past_key_values.0.key": empty, "past_key_values.0.value": empty}
+    got = session.run(["logits"], feeds, adapter="default")[0]
+    assert np.abs(got - want.numpy()).max() <= TOL
+    model.config.sliding_window = None  # the same weights with full attention: other logits
+    full, _ = decoder_models.reference_step(model, ids, mask)
+    model.config.sliding_window = 4
+    assert np.abs(full.numpy() - want.numpy())[:, 4:].max() > 1e-3
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False).numpy()
+    np.testing.assert_array_equal(session.generate(ids.numpy(), adapter="default", max_new_tokens=8), ref)

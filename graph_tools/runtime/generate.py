@@ -226,8 +226,9 @@ def load_tokenizer(folder):
                               "save_pretrained)")
     try:
         from tokenizers import Tokenizer
-    except ImportError:  # pragma: no cover - installed with transformers
-        raise GenerationError("--prompt needs the 'tokenizers' package (pip install tokenizers)") from None
+    except ImportError:  # pragma: no cover - a core dependency (pyproject.toml)
+        raise GenerationError("--prompt needs the 'tokenizers' package, a lora-onnx dependency: "
+                              "pip install 'tokenizers==0.23.3'") from None
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises bare Exceptions on malformed files
