@@ -187,6 +187,7 @@ def test_unsupported_configs(tmp_path, config, message):
     ("changes", "message"),
     [
         ({"init_lora_weights": "pissa_niter_4"}, "modified base model"),
+        ({"init_lora_weights": "loftq"}, "LoftQ-quantized copy of the base weights"),
         ({"r": 0}, "r must be a positive number"),
         ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern must map patterns"),
         ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens=\\[1, 2\\] is not supported"),

@@ -84,7 +84,8 @@ _VARIANT_FIELDS = (
     "arrow_config",
     "kasa_config",
 )
-#: init_lora_weights values after which the adapter belongs to a modified base model.
+#: init_lora_weights values after which the adapter belongs to a modified base model (LoftQ, which
+#: replaces the base weights by quantized ones, is refused on its own with its own message).
 _BASE_MODIFYING_INIT = re.compile(r"^(pissa.*|olora|corda)$")
 
 
@@ -193,11 +194,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         if value is not None and unsupported(value):
             raise AdapterError(f"{path}: {option}={value!r} is not supported (only plain LoRA converts)")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and _BASE_MODIFYING_INIT.match(init):
-        raise AdapterError(
-            f"{path}: init_lora_weights={init!r} adapters belong to a modified base model; re-save with PEFT's "
-            "path_initial_model_for_weight_conversion to get a plain LoRA adapter"
-        )
+    refusal = _init_refusal(init)
+    if refusal:
+        raise AdapterError(f"{path}: init_lora_weights={init!r} {refusal}")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not _positive(value):
@@ -209,6 +208,17 @@ def _read_config(path: Path) -> dict[str, Any]:
         if not isinstance(pattern, dict) or not all(_positive(v) for v in pattern.values()):
             raise AdapterError(f"{path}: {key} must map patterns to positive numbers, got {pattern!r}")
     return config
+
+
+def _init_refusal(init: Any) -> str | None:
+    """Why an adapter with this ``init_lora_weights`` cannot be converted onto an unmodified base, or None."""
+    if init == "loftq":
+        return ("adapters fit PEFT's LoftQ-quantized copy of the base weights, not the package's base; "
+                "export that PEFT model with export_peft instead of converting")
+    if isinstance(init, str) and _BASE_MODIFYING_INIT.match(init):
+        return ("adapters belong to a modified base model; re-save with PEFT's "
+                "path_initial_model_for_weight_conversion to get a plain LoRA adapter")
+    return None
 
 
 def _positive(value: Any) -> bool:
