@@ -85,7 +85,7 @@ def load_model(model_or_path: ir.Model | onnx.ModelProto | str | os.PathLike) ->
     if len(model.graph) == 0 and not model.graph.outputs:
         raise ModelLoadError(f"{path}: not a valid ONNX model (empty graph)")
     check_topology(model, str(path))
-    check_external_data(model, path.parent)
+    check_external_data(model, path.parent, path)
     return model
 
 
@@ -207,36 +207,39 @@ def _label(node: ir.Node) -> str:
     return repr(node.name) if node.name else f"<unnamed {node.op_type}>"
 
 
-def check_external_data(model: ir.Model, base_dir: str | os.PathLike) -> None:
+def check_external_data(model: ir.Model, base_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
     """Refuse external data that is missing, too short, outside ``base_dir``, or whose declared
-    ``length`` is not the tensor's byte size."""
+    ``length`` is not the tensor's byte size. Messages start with ``source`` (the model's path;
+    default ``base_dir``)."""
     base = Path(base_dir).resolve()
-    sizes: dict[Path, int] = {}
+    where = source if source is not None else base
+    files: dict[str, tuple[Path, int]] = {}  # location -> (resolved file, size); one stat per file
     for value in _all_initializers(model):
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         location = tensor.location
-        target = (base / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(base):
-            raise ExternalDataError(
-                f"initializer {value.name!r}: external data path {location!r} escapes the model folder {base}"
-            )
-        if target not in sizes:
+        if location not in files:
+            target = (base / location).resolve()
+            if Path(location).is_absolute() or not target.is_relative_to(base):
+                raise ExternalDataError(
+                    f"{where}: initializer {value.name!r}: external data path {location!r} escapes the model folder {base}"
+                )
             if not target.is_file():
-                raise ExternalDataError(f"initializer {value.name!r}: external data file {location!r} is missing")
-            sizes[target] = target.stat().st_size
+                raise ExternalDataError(f"{where}: initializer {value.name!r}: external data file {location!r} is missing")
+            files[location] = (target, target.stat().st_size)
+        size = files[location][1]
         nbytes = tensor.nbytes
         if tensor.length is not None and tensor.length != nbytes:
             raise ExternalDataError(
-                f"initializer {value.name!r}: external data entry declares length {tensor.length} in {location!r}, "
+                f"{where}: initializer {value.name!r}: external data entry declares length {tensor.length} in {location!r}, "
                 f"but the tensor {tensor.dtype.name}{list(tensor.shape)} has {nbytes} bytes"
             )
         end = (tensor.offset or 0) + nbytes
-        if end > sizes[target]:
+        if end > size:
             raise ExternalDataError(
-                f"initializer {value.name!r}: external data file {location!r} is truncated "
-                f"(needs {end} bytes, has {sizes[target]})"
+                f"{where}: initializer {value.name!r}: external data file {location!r} is truncated "
+                f"(needs {end} bytes, has {size})"
             )
 
 

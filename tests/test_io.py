@@ -97,19 +97,19 @@ def test_truncated_model(good, fraction):
 
 def test_external_data_missing(external):
     (external.parent / "model.onnx.data").unlink()
-    _fails(external, ExternalDataError, "model.onnx.data", "missing")
+    _fails(external, ExternalDataError, "model.onnx.data", "missing", str(external))  # names the model too
 
 
 def test_external_data_truncated(external):
     data = external.parent / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:100])
-    _fails(external, ExternalDataError, "model.onnx.data", "truncated")
+    _fails(external, ExternalDataError, "model.onnx.data", "truncated", str(external))
 
 
 def test_external_data_escaping_with_dotdot(external):
     shutil.copy(external.parent / "model.onnx.data", external.parent.parent / "x.data")  # exists: refused anyway
     _relocate(external, "../x.data")
-    _fails(external, ExternalDataError, "../x.data", "escapes")
+    _fails(external, ExternalDataError, "../x.data", "escapes", str(external))
 
 
 def test_external_data_absolute_path(external, tmp_path):
