@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import onnx_ir as ir
 import pytest
 
 import package_helpers as H
+from graph_tools.adapters import shared
 from graph_tools.adapters.extract import extract_adapters
 from graph_tools.adapters.load import load_package
-from graph_tools.errors import PackageError, SharedBaseChangedError
+from graph_tools.errors import AdapterError, PackageError, SharedBaseChangedError
 from graph_tools.runtime.session import AdapterSession
 
 DATA = "model.onnx.data"
@@ -81,8 +83,11 @@ def test_changed_shared_file_is_a_clear_error(case, tmp_path):
         load_package(source.parent)
 
 
-def test_copy_carries_the_base_ranges_only(case, tmp_path):
+@pytest.mark.parametrize("punch", [True, False], ids=["punch-hole", "zero-fill"])
+def test_copy_carries_the_base_ranges_only(case, tmp_path, monkeypatch, punch):
     source = _exported(case, tmp_path / "export")
+    if not punch:  # a file system without fallocate(PUNCH_HOLE): the ranges are overwritten with zeros
+        monkeypatch.setattr(shared, "_punch", lambda fd, start, length: False)
     package = extract_adapters(source, tmp_path / "pkg")
     assert "shared_base" not in (package.manifest.extra or {})
     copy = (package.path / DATA).read_bytes()
@@ -97,7 +102,45 @@ def test_copy_carries_the_base_ranges_only(case, tmp_path):
         assert not any(copy[t.offset: t.offset + t.nbytes]), t.name
     for t in base:
         assert copy[t.offset: t.offset + t.nbytes] == original[t.offset: t.offset + t.nbytes], t.name
+    # byte for byte: the referenced ranges as in the source, every other byte zero, same size
+    expected = bytearray(len(original))
+    for t in base:
+        expected[t.offset: t.offset + t.nbytes] = original[t.offset: t.offset + t.nbytes]
+    assert copy == bytes(expected)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
     _check_outputs(package.path, case)
+
+
+def test_failed_copy_extraction_leaves_nothing(case, tmp_path):
+    """The background copy starts before the rewrite; a failure after it stops the copy and
+    leaves no output, no temp folder and no thread."""
+    source = _exported(case, tmp_path / "export")
+    with pytest.raises(AdapterError, match="exceeds max_rank"):
+        extract_adapters(source, tmp_path / "pkg", max_rank=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert not [t for t in threading.enumerate() if t.name == "lora-onnx-copy"]
+
+
+def test_clear_unreferenced(tmp_path):
+    """Everything outside the given ranges reads as zeros afterwards, punched or zero-filled."""
+    data = bytes(range(256)) * 64  # 16 KiB
+    for punch in (True, False):
+        path = tmp_path / f"f{punch}"
+        path.write_bytes(data)
+        tensors = [ir.ExternalTensor(path.name, offset=o, length=n, dtype=ir.DataType.UINT8, shape=ir.Shape([n]),
+                                     name=f"t{o}", base_dir=tmp_path) for o, n in ((100, 50), (120, 10), (5000, 4096))]
+        real = shared._punch
+        try:
+            if not punch:
+                shared._punch = lambda fd, start, length: False
+            cleared = shared.clear_unreferenced(path, tensors)
+        finally:
+            shared._punch = real
+        got = path.read_bytes()
+        want = bytearray(len(data))
+        for o, n in ((100, 50), (5000, 4096)):
+            want[o: o + n] = data[o: o + n]
+        assert got == bytes(want) and cleared == len(data) - 50 - 4096, punch
 
 
 def test_share_base_refusals(case, tmp_path):

@@ -71,6 +71,32 @@ def extract_adapters(
     sites = find_lora_sites(model)
     if not sites:
         raise NoLoraError(f"{source}: no LoRA sites found; nothing to extract")
+    out = Path(out_dir).resolve()
+    if share:
+        graph_path = Path(model_path).resolve()
+        staging = shared.shared_folder(out, [MODEL_FILE, "adapters", mf.MANIFEST_NAME],
+                                       source_graph=graph_path / MODEL_FILE if graph_path.is_dir() else graph_path)
+    else:
+        staging = atomic_output(out_dir)
+    with staging as tmp:
+        copier = None
+        src = None if share else _source_dir(model_path, base_files)
+        if src is not None:  # copy the data files whole by the kernel while the graph is rewritten
+            copier = shared.FileCopy({path: tmp / path.relative_to(src) for path in base_files})
+        try:
+            package = _extract_into(tmp, out, model, sites, source, base_files, share, copier,
+                                    mode=mode, format=format, pack=pack, max_rank=max_rank)
+        finally:
+            if copier is not None:
+                copier.cancel()
+    logger.info("extracted %d adapters over %d modules into %s", len(package.manifest.adapters),
+                len(package.manifest.slots) // 3, out)
+    return package
+
+
+def _extract_into(tmp: Path, out: Path, model: ir.Model, sites, source: str, base_files, share: bool,
+                  copier: shared.FileCopy | None, *, mode: str, format: str, pack: bool, max_rank) -> AdapterPackage:
+    """The package parts of :func:`extract_adapters`, written into ``tmp`` (then moved to ``out``)."""
     groups = plan_slots(model, sites)
     weights = read_adapter_weights(model, groups)
     ranks = {a: {m: int(w[0].shape[0]) for m, w in mods.items()} for a, mods in weights.items()}
@@ -88,51 +114,46 @@ def extract_adapters(
     run_passes(model, *passes)
     adapters = []
     ext = files.ADAPTER_SUFFIX[format]
-    out = Path(out_dir).resolve()
-    if share:
-        graph_path = Path(model_path).resolve()
-        staging = shared.shared_folder(out, [MODEL_FILE, "adapters", mf.MANIFEST_NAME],
-                                       source_graph=graph_path / MODEL_FILE if graph_path.is_dir() else graph_path)
-    else:
-        staging = atomic_output(out_dir)
-    with staging as tmp:
-        data = None if share else DATA_FILE
-        kept = shared.external_files(model)  # what the package graph still references
-        if not share and kept:  # copy those byte ranges only, keep the locations
-            src = _source_dir(model_path, kept)
-            if src is not None:
-                for path, tensors in kept.items():
-                    copied = shared.copy_ranges(path, tmp / path.relative_to(src), tensors)
-                    logger.info("copied %d bytes of %s", copied, path.name)
-                data = None
-        _save_model(model, tmp, slots if mode == "external" else None, data=data)
-        (tmp / "adapters").mkdir()
-        for name, mods in sorted(weights.items()):
-            tensors = slot_tensors(slots, mods)
-            if packs:
-                tensors = pack_tensors(packs, tensors)
-            rel = f"adapters/{name}{ext}"
-            files.write_adapter(tmp / rel, tensors, format=format, metadata={"adapter": name, "source": source})
-            adapters.append(mf.AdapterSpec(
-                name=name, file=rel, rank=ranks[name], alpha={},
-                scale={m: w[2] for m, w in mods.items()}, source=source, format=format,
-            ))
-        manifest = mf.Manifest(
-            format_version=mf.FORMAT_VERSION,
-            # the fingerprint survives save/load; external mode re-saved the slots: read back
-            graph_fingerprint=mf.graph_fingerprint(model if mode == "inputs" else ir.load(tmp / MODEL_FILE)),
-            mode=mode,
-            pack=bool(packs),
-            max_rank=max_rank,
-            slot_layout=SLOT_LAYOUT,
-            slots=slots,
-            adapters=adapters,
-            extra={"packs": packs, "external_slot_file": EXTERNAL_SLOT_FILE if mode == "external" else None,
-                   "mixed_batches": MIXED_DESIGN,
-                   **({"shared_base": [shared.file_record(out, p) for p in sorted(kept or base_files)]} if share else {})},
-        )
-        mf.write_manifest(tmp / mf.MANIFEST_NAME, manifest)
-    logger.info("extracted %d adapters over %d modules into %s", len(adapters), len(groups), out)
+    data = None if share else DATA_FILE
+    kept = shared.external_files(model)  # what the package graph still references
+    if copier is not None:
+        if kept:  # the whole copies keep the tensors' offsets: the graph is saved as it is
+            data = None
+        else:  # nothing external left (or a big tensor in memory): the ordinary save
+            copier.cancel()
+            for dst in copier.pairs.values():
+                dst.unlink(missing_ok=True)
+            copier = None
+    _save_model(model, tmp, slots if mode == "external" else None, data=data)
+    (tmp / "adapters").mkdir()
+    for name, mods in sorted(weights.items()):
+        tensors = slot_tensors(slots, mods)
+        if packs:
+            tensors = pack_tensors(packs, tensors)
+        rel = f"adapters/{name}{ext}"
+        files.write_adapter(tmp / rel, tensors, format=format, metadata={"adapter": name, "source": source})
+        adapters.append(mf.AdapterSpec(
+            name=name, file=rel, rank=ranks[name], alpha={},
+            scale={m: w[2] for m, w in mods.items()}, source=source, format=format,
+        ))
+    manifest = mf.Manifest(
+        format_version=mf.FORMAT_VERSION,
+        # the fingerprint survives save/load; external mode re-saved the slots: read back
+        graph_fingerprint=mf.graph_fingerprint(model if mode == "inputs" else ir.load(tmp / MODEL_FILE)),
+        mode=mode,
+        pack=bool(packs),
+        max_rank=max_rank,
+        slot_layout=SLOT_LAYOUT,
+        slots=slots,
+        adapters=adapters,
+        extra={"packs": packs, "external_slot_file": EXTERNAL_SLOT_FILE if mode == "external" else None,
+               "mixed_batches": MIXED_DESIGN,
+               **({"shared_base": [shared.file_record(out, p) for p in sorted(kept or base_files)]} if share else {})},
+    )
+    if copier is not None:  # the copy ran meanwhile; keep only the ranges the graph references
+        cleared = copier.finish(kept)
+        logger.info("copied %s, cleared %d unreferenced bytes", ", ".join(p.name for p in kept), cleared)
+    mf.write_manifest(tmp / mf.MANIFEST_NAME, manifest)
     return AdapterPackage(out, manifest)
 
 

@@ -183,7 +183,8 @@ class ReplaceLoraWithSlotsPass(LoraPass):
 
     def _slot(self, graph: ir.Graph, name: str, shape: list[int | str], dtype: ir.DataType) -> ir.Value:
         default_shape = [0 if isinstance(d, str) else d for d in shape]
-        default = ir.tensor(np.zeros(default_shape, dtype=dtype.numpy()), dtype=dtype, name=name)
+        # ir.Tensor, not ir.tensor: same tensor, without ir.tensor's protocol checks (462 slots on a 1B model)
+        default = ir.Tensor(np.zeros(default_shape, dtype=dtype.numpy()), dtype=dtype, name=name)
         value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=default)
         if self.as_inputs:
             graph.inputs.append(value)
