@@ -251,19 +251,27 @@ WORKERS = {"extract": worker_extract, "olive": worker_olive, "convert": worker_c
 # ================================================================================ driver
 
 
-def spawn(job: dict, *, python: str | None = None, timeout: float = 3600) -> dict:
-    """Run one worker in a fresh process; returns its result plus the process's wall time."""
+def spawn(job: dict, *, python: str | None = None, timeout: float = 3600, code: str | os.PathLike | None = None) -> dict:
+    """Run one worker in a fresh process; returns its result plus the process's wall time
+    (``process_wall``) and CPU time (``process_cpu``: user + system, children included).
+    ``code``: another checkout whose ``graph_tools`` the worker imports (e.g. the code before a change)."""
     cmd = [python or sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     env = dict(os.environ, OLIVE_DISABLE_TELEMETRY="1", PYTHONWARNINGS="ignore")
+    if code is not None:
+        env["PYTHONPATH"] = str(Path(code).resolve())
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(HERE.parent))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(Path(code).resolve() if code is not None else HERE.parent))
     total = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"worker {job['kind']} failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(lines[-1][len(RESULT):])
     result["process_wall"] = total
+    result["process_cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
 
 

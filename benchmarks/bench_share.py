@@ -13,6 +13,12 @@ Rounds interleave the cases; medians of ``--repeat`` rounds. The data file is in
   round starts from the same folder with the package parts removed (onnx-ir refuses hard-linked
   data files, so the folder holds its own copy of the export, made once)
 * Olive ``ExtractAdapters`` with its defaults (make_inputs=True), if ``--olive-python`` imports it
+* ``--baseline DIR``: the copy and shared cases once more with the ``graph_tools`` of another
+  checkout (e.g. ``git worktree add /tmp/before <commit>``), in the same rounds
+
+Besides wall time, each case's CPU time (user + system of the process) is shown: on a machine
+shared with other jobs the wall time waits for the CPU, the CPU time much less so. The load
+average (``os.getloadavg``, 1 min) is read before every case; its median and range are printed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,13 +49,16 @@ def _cp(model: Path, dst: Path) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["cp", str(model), str(model.parent / make_synthetic.DATA_NAME), str(dst)], check=True)
     wall = time.perf_counter() - t0
-    return {"process_wall": wall, "wall": wall, "rss": 0}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"process_wall": wall, "wall": wall, "process_cpu": cpu, "rss": 0}
 
 
-def _shared(model: Path, folder: Path) -> dict:
+def _shared(model: Path, folder: Path, code: str | None = None) -> dict:
     """Extract beside the export in ``folder`` (made once as a copy of the export; restored
     between rounds: the data file is never written, the package parts are removed)."""
     if not folder.is_dir():
@@ -63,15 +73,15 @@ def _shared(model: Path, folder: Path) -> dict:
     os.sync()
     job = {"kind": "extract", "model": str(folder / "model.onnx"), "out": str(folder), "mode": "inputs", "pack": False,
            "format": "onnx_adapter", "share_base": True}
-    return B.spawn(job)
+    return B.spawn(job, code=code)
 
 
-def _copy(model: Path, out: Path) -> dict:
+def _copy(model: Path, out: Path, code: str | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     job = {"kind": "extract", "model": str(model), "out": str(out), "mode": "inputs", "pack": False,
            "format": "onnx_adapter", "share_base": False}
-    return B.spawn(job)
+    return B.spawn(job, code=code)
 
 
 def _olive(model: Path, out: Path, python: str) -> dict:
@@ -86,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--olive-python", default=None)
     parser.add_argument("--olive-repeat", type=int, default=3)
+    parser.add_argument("--baseline", default=None, help="another checkout: its copy/shared rows in the same rounds")
+    parser.add_argument("--baseline-label", default="before")
     args = parser.parse_args(argv)
     root = make_synthetic.generate(args.size)
     info = json.loads((root / "info.json").read_text())
@@ -95,42 +107,58 @@ def main(argv=None) -> int:
     olive = B.olive_version(args.olive_python) if args.olive_python else None
     cases = {"cp": lambda: _cp(model, work / "cp"), "copy": lambda: _copy(model, work / "copy"),
              "shared": lambda: _shared(model, work / "shared")}
+    if args.baseline:
+        cases["copy_base"] = lambda: _copy(model, work / "copy_base", args.baseline)
+        cases["shared_base"] = lambda: _shared(model, work / "shared_base", args.baseline)
+    cases["olive"] = lambda: _olive(model, work / "olive", args.olive_python)
     results: dict[str, list[dict]] = {k: [] for k in cases}
-    results["olive"] = []
-    for i in range(max(args.repeat, args.olive_repeat if olive else 0)):
-        todo = [k for k in cases if i < args.repeat] + (["olive"] if olive and i < args.olive_repeat else [])
+    loads: list[float] = []
+    rounds = max(args.repeat, args.olive_repeat if olive else 0)
+    for i in range(rounds):
+        todo = [k for k in cases if k != "olive" and i < args.repeat] + (["olive"] if olive and i < args.olive_repeat else [])
+        if i % 2:  # alternate the order, so no case always follows the same one
+            todo = todo[::-1]
         for key in todo:
-            r = cases[key]() if key != "olive" else _olive(model, work / "olive", args.olive_python)
+            loads.append(os.getloadavg()[0])
+            r = cases[key]()
+            r["load"] = loads[-1]
             results[key].append(r)
-            print(f"  {key} [{i + 1}]: process {r['process_wall']:.2f} s, rss {B.fmt_mem(r['rss'])}", file=sys.stderr, flush=True)
+            print(f"  {key} [{i + 1}]: process {r['process_wall']:.2f} s (cpu {r['process_cpu']:.2f} s), "
+                  f"rss {B.fmt_mem(r['rss'])}, load {r['load']:.1f}", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    med = {k: statistics.median(r["process_wall"] for r in v) for k, v in results.items() if v}
-    rss = {k: max(r["rss"] for r in v) for k, v in results.items() if v}
-    call = {k: statistics.median(r["wall"] for r in v) for k, v in results.items() if v}
+    results = {k: v for k, v in results.items() if v}
+    med = {k: statistics.median(r["process_wall"] for r in v) for k, v in results.items()}
+    cpu = {k: statistics.median(r["process_cpu"] for r in v) for k, v in results.items()}
+    rss = {k: max(r["rss"] for r in v) for k, v in results.items()}
+    call = {k: statistics.median(r["wall"] for r in v) for k, v in results.items()}
     m = B.machine()
     lines = [
         f"Synthetic `{args.size}` graph: {B._count(info['base_params'])} base parameters {info['dtype']}, "
         f"{info['data_bytes'] / B.GiB:.2f} GiB data, {info['lora_tensors']} LoRA tensors. Whole process, median of "
-        f"{args.repeat} interleaved rounds (Olive {args.olive_repeat}), page cache warm, `sync` before each case.",
+        f"{args.repeat} interleaved rounds (Olive {args.olive_repeat if olive else 0}), page cache warm, `sync` before each case. "
+        f"Load average (1 min) before the cases: median {statistics.median(loads):.1f}, {min(loads):.1f} to {max(loads):.1f}.",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; onnxruntime {m.get('onnxruntime')}, "
         f"onnx-ir {m.get('onnx_ir')}; {m['date']}.", "",
-        "| case | whole process (call) | peak RSS | vs cp | vs Olive | goal |", "|---|---|---|---|---|---|",
+        "| case | whole process (call) | CPU time | peak RSS | vs cp | vs Olive | goal |", "|---|---|---|---|---|---|---|",
     ]
     labels = {"cp": "`cp model.onnx model.onnx.data`", "copy": "`extract_adapters` copy (share_base=False)",
               "shared": "`extract_adapters` shared base (package beside the export)",
+              "copy_base": f"{args.baseline_label}: copy", "shared_base": f"{args.baseline_label}: shared base",
               "olive": f"Olive {olive} `ExtractAdapters` (defaults)"}
-    for key in ("cp", "copy", "shared", "olive"):
+    for key in ("cp", "copy", "shared", "copy_base", "shared_base", "olive"):
         if key not in med:
             continue
         goal = ""
         if key == "shared":
-            ok = med[key] <= GOAL_SHARED_S and rss[key] < GOAL_SHARED_RSS
-            goal = f"{'✅' if ok else '❌'} <= 1.5 s, < 400 MiB"
+            goal = (f"{'✅' if med[key] <= GOAL_SHARED_S else '❌'} <= 1.5 s; "
+                    f"{'✅' if rss[key] < GOAL_SHARED_RSS else '❌'} < 400 MiB")
+            if "olive" in med:
+                goal += f"; {'✅' if med['olive'] / med[key] >= 25 else '❌'} >= 25x Olive"
         if key == "copy":
             goal = f"{'✅' if med[key] <= GOAL_COPY_VS_CP * med['cp'] else '❌'} <= 1.3x cp"
         vs_olive = f"{med['olive'] / med[key]:.1f}x faster" if "olive" in med and key != "olive" else ""
         mem = B.fmt_mem(rss[key]) if rss[key] else ""
-        lines.append(f"| {labels[key]} | {B.fmt_s(med[key])} ({B.fmt_s(call[key])}) | {mem} | "
+        lines.append(f"| {labels[key]} | {B.fmt_s(med[key])} ({B.fmt_s(call[key])}) | {B.fmt_s(cpu[key])} | {mem} | "
                      f"{med[key] / med['cp']:.2f}x | {vs_olive} | {goal} |")
     print("\n".join(lines))
     return 0
