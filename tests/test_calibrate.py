@@ -165,3 +165,15 @@ def test_collect_ranges_appends_outputs_with_onnx_ir(tmp_path):
     assert [o.name for o in ir.load(path).graph.outputs] == ["y"]
     with pytest.raises(QuantizationError, match="'nope' not found"):
         session_with_outputs(path, ["nope"])
+
+
+def test_missing_types_are_inferred_and_shapes_kept(tmp_path):
+    from graph_tools.quant.quantize import _activations, _fill_missing_dtypes
+
+    model = ir.load(_tiny_model(tmp_path / "tiny.onnx"))
+    h = next(n for n in model.graph if n.name == "mm").outputs[0]
+    h.type, h.shape = None, None  # as an extractor may leave a rewired branch
+    assert "h" not in _activations(model, set())  # untyped: would be left unquantized
+    _fill_missing_dtypes(model)
+    assert h.dtype == ir.DataType.FLOAT and h.shape is None
+    assert "h" in _activations(model, set())

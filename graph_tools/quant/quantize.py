@@ -134,7 +134,7 @@ def quantize(
     slot_names = {s.name for s in man.slots}
     sites = find_lora_sites(model)
     lora_acts = _lora_activations(model, sites)
-    _fill_missing_dtypes(model, package.model_path)
+    _fill_missing_dtypes(model)
     acts = _activations(model, slot_names)
     base_weights = list(_base_weights(model, slot_names, per_row_embeddings))
     constants = _constant_inputs(model, slot_names, {v.name for v, _ in base_weights}) if aimet_placement else []
@@ -401,25 +401,22 @@ def _lora_activations(model: ir.Model, sites) -> set[str]:
     return names
 
 
-def _fill_missing_dtypes(model: ir.Model, model_path: Path) -> None:
+def _fill_missing_dtypes(model: ir.Model) -> None:
     """Give values the exporter/extractor left untyped (e.g. the LoRA branch after slot
-    replacement) their element type from ONNX type inference, so they are not mistaken for
-    non-float tensors and silently left unquantized."""
+    replacement) their element type from ONNX type inference (onnx-ir's ``ShapeInferencePass``,
+    initializers left out), so they are not mistaken for non-float tensors and silently left
+    unquantized. Only missing types are filled; shapes stay as they are."""
     if all(v.dtype is not None for node in model.graph for v in node.outputs):
         return
-    import onnx
+    from onnx_ir.passes.common import ShapeInferencePass
 
-    proto = onnx.load(str(model_path), load_external_data=False)
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=False)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; untyped values stay float-unknown
-        logger.warning("type inference failed (%s); untyped tensors stay unquantized", str(exc).splitlines()[0])
-        return
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in proto.graph.value_info if vi.type.HasField("tensor_type")}
-    for node in model.graph:
-        for value in node.outputs:
-            if value.dtype is None and types.get(value.name):
-                value.dtype = ir.DataType(types[value.name])
+    shapes = {v: v.shape for node in model.graph for v in node.outputs}
+    untyped = [v for v in shapes if v.dtype is None]
+    inferred = ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model).modified
+    for value, shape in shapes.items():
+        value.shape = shape  # the pass also merges shapes: keep ours
+    if not inferred or any(v.dtype is None for v in untyped):
+        logger.warning("type inference left %d tensors untyped; they stay unquantized", sum(v.dtype is None for v in untyped))
 
 
 def _activations(model: ir.Model, slot_names: set[str]) -> list[str]:
