@@ -257,7 +257,7 @@ def generation_demo(out: str | Path, *, quantize: str = "w8a16", activation_scop
     import shutil
     import tempfile
 
-    from exporters.pipelines import pipeline
+    from exporters.pipelines import moved_sources, pipeline
 
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,4 +271,5 @@ def generation_demo(out: str | Path, *, quantize: str = "w8a16", activation_scop
                           max_new_tokens=max_new_tokens, quantize=quantize, calibration=calibration,
                           activation_scope=activation_scope, quiet=quiet, report=report)
         shutil.move(str(Path(scratch) / "text_model"), str(out / "text_model"))
+        moved_sources(result, Path(scratch) / "text_model", out / "text_model")
     return result

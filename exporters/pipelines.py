@@ -28,7 +28,7 @@ import torch
 from graph_tools._io import atomic_output, check_output_folder, refuse_overlap
 from graph_tools.errors import AdapterError, LoraOnnxError, ModelLoadError, QuantizationError
 
-__all__ = ["pipeline", "PipelineResult", "AdapterCheck", "load_base", "QUANT_PRESETS", "TASKS"]
+__all__ = ["pipeline", "PipelineResult", "AdapterCheck", "load_base", "moved_sources", "QUANT_PRESETS", "TASKS"]
 
 logger = logging.getLogger(__name__)
 
@@ -522,6 +522,23 @@ def _verify(model, names, sites, package, served, quantize, quiet) -> list[Adapt
         bar.step()
     _set_active(model, names)
     return checks
+
+
+def moved_sources(result: PipelineResult, old: str | os.PathLike, new: str | os.PathLike) -> None:
+    """The input folders under ``old`` were moved to ``new`` after the run (the demo trains beside
+    its output, then moves the folders in): make the output's manifests name the new place."""
+    from graph_tools.adapters import manifest as mf
+
+    old_prefix, new_prefix = f"peft:{Path(old).resolve()}", f"peft:{Path(new).resolve()}"
+    for folder in dict.fromkeys([result.package_dir, result.served_dir]):
+        man = mf.read_manifest(folder)
+        adapters = [dataclasses.replace(a, source=new_prefix + a.source[len(old_prefix):])
+                    if a.source == old_prefix or a.source.startswith(old_prefix + os.sep) else a for a in man.adapters]
+        base = man.extra.get("base")
+        extra = dict(man.extra)
+        if isinstance(base, str) and (base == str(Path(old).resolve()) or base.startswith(str(Path(old).resolve()) + os.sep)):
+            extra["base"] = str(Path(new).resolve()) + base[len(str(Path(old).resolve())):]
+        mf.write_manifest(folder, dataclasses.replace(man, adapters=adapters, extra=extra))
 
 
 @dataclasses.dataclass

@@ -109,6 +109,7 @@ def _cmd_pipeline(args) -> int:
 
 def _cmd_demo(args) -> int:
     from exporters.demo_models import generation_demo, minilm_dir, train_demo_adapters
+    from exporters.pipelines import moved_sources
 
     import shutil
     import tempfile
@@ -123,6 +124,7 @@ def _cmd_demo(args) -> int:
         adapters = train_demo_adapters(minilm_dir(), Path(scratch) / "peft_adapters")
         result = _pipeline_result(args, "builtin:minilm", {k: str(v) for k, v in adapters.items()})
         shutil.move(str(Path(scratch) / "peft_adapters"), str(out / "peft_adapters"))
+        moved_sources(result, Path(scratch) / "peft_adapters", out / "peft_adapters")
     _say(args, "\ntext generation: training a small language model and two topic adapters (sports, cooking) ...")
     gen = generation_demo(out / "generation", quantize=args.quantize, activation_scope=args.activation_scope, quiet=args.quiet)
     print(gen.table())

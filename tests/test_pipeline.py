@@ -213,6 +213,12 @@ def test_generation_demo_at_reduced_size(tmp_path):
     assert len({tuple(c.continuations[0]) for c in result.checks}) == len(result.checks)  # the adapters change it
     for name in ("base/tokenizer.json", "base/config.json", *(f"{a}/adapter_config.json" for a in DEMO_LM_ADAPTERS)):
         assert (out / "text_model" / name).is_file(), name
+    import json
+
+    for folder in ("package", "quantized"):  # trained beside the output, moved in: the manifests follow
+        manifest = json.loads((out / folder / "manifest.json").read_text())
+        assert {a["source"] for a in manifest["adapters"]} == {f"peft:{out.resolve() / 'text_model' / a}" for a in DEMO_LM_ADAPTERS}
+        assert manifest["extra"]["base"] == str(out.resolve() / "text_model" / "base")
     page = (out / "report.html").read_text()
     assert "id='generation'" in page and result.checks[1].texts[0].strip()[:8] in page
     # the demo's main report shows the generation run as a companion section
