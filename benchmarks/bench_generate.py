@@ -25,6 +25,12 @@ round; the table gives medians and the ratio to (a). ``--prepacking both`` adds 
 ``external``-mode package with and without prepacking; ``--memory`` prints the resident memory
 that costs instead. ``--clock cpu`` measures process CPU time instead of wall time (stable on a
 shared machine; meaningful with ``--threads 1``, as spinning pool threads burn CPU time too).
+``--slot-forms`` adds, on plain ORT with the same loop as (a): the package graph as is, and two
+other slot-branch forms derived from it (A/B slots pre-transposed; and the scale folded into A),
+to show what the branch's form costs (ORT already fuses ``Transpose`` + ``MatMul`` into
+``FusedMatMul(transB=1)``, so the package graph runs 4 ops per site, not 6).
+The builder bakes the adapter into its graph (LoRA MatMuls with constant weights, B pre-scaled,
+fused GroupQueryAttention), so (d) has no og.Adapters and serves one adapter per graph.
 Nothing is asserted. Work files go to ``benchmarks/_work/generate``
 (gitignored); the model is built once (in a subprocess: the timing process imports no torch).
 """
@@ -155,11 +161,13 @@ def _options(threads: int, prepacking: bool):
 class Merged:
     """(a): plain ORT on the merged graph, the loop ``generate`` runs (IOBinding, presents -> pasts)."""
 
-    def __init__(self, path: Path, threads: int, prepacking: bool, layers: int, heads: int, head_dim: int):
+    def __init__(self, path: Path, threads: int, prepacking: bool, layers: int, heads: int, head_dim: int,
+                 extra: dict | None = None):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), _options(threads, prepacking), providers=["CPUExecutionProvider"])
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        self.extra = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (extra or {}).items()}  # bound once
 
     def generate(self, ids, new: int, times: list | None = None):
         import numpy as np
@@ -170,6 +178,8 @@ class Merged:
         empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.heads, 0, self.head_dim), np.float32))
         past = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(self.layers)]
         outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        for k, v in self.extra.items():
+            binding.bind_ortvalue_input(k, v)
         for k, v in past:
             binding.bind_ortvalue_input(k, empty)
             binding.bind_ortvalue_input(v, empty)
@@ -264,6 +274,52 @@ class OgModel:
         return out
 
 
+def slot_form(root: Path, fold_scale: bool):
+    """Another slot-branch form, for comparison only (``--slot-forms``): the package graph with its
+    A/B slots pre-transposed (``MatMul(x, A_T)``, no ``Transpose``) and, with ``fold_scale``, the
+    scale folded into ``A_T`` (no ``Mul``). Returns the graph path and the adapter's feeds."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from graph_tools import AdapterSession
+    from graph_tools._io import save_model
+    from graph_tools.adapters.load import load_package, load_package_model
+
+    out = root / "slot_forms" / ("folded" if fold_scale else "transposed") / "model.onnx"
+    s = AdapterSession(root / "pkg")
+    feeds = {k: np.array(v.numpy()) for k, v in s._feed_for(s._key("default")).items()}
+    src = root / "slot_forms" / "pkg"  # a copy: write_genai_folder hard-links the package's data file, and
+    if not src.is_dir():              # onnx-ir refuses to read a hard-linked data file
+        shutil.copytree(root / "pkg", src)
+    model = load_package_model(load_package(src))
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type == "Transpose" and node.inputs[0] is not None and node.inputs[0].name in feeds:
+            slot = node.inputs[0]
+            new = ir.Value(name=f"{slot.name}.T", shape=ir.Shape(list(slot.shape)[::-1]), type=slot.type)
+            graph.inputs.append(new)
+            node.outputs[0].replace_all_uses_with(new)
+            graph.remove(node, safe=True)
+            feeds[new.name] = np.ascontiguousarray(feeds.pop(slot.name).T)
+    if fold_scale:
+        for node in list(graph):
+            scale = next((i for i in node.inputs if i is not None and (i.name or "").endswith(".lora_scale")), None)
+            if node.op_type == "Mul" and scale is not None:
+                node.outputs[0].replace_all_uses_with(next(i for i in node.inputs if i is not scale))
+                graph.remove(node, safe=True)
+                a_t = scale.name[: -len(".lora_scale")] + ".lora_A.weight.T"
+                feeds[a_t] = np.ascontiguousarray(feeds[a_t] * feeds.pop(scale.name)[None, :])
+    for value in list(graph.inputs):  # the old slots (and their defaults) go
+        if value.name in graph.initializers and ".lora_" in value.name and not value.uses():
+            graph.inputs.remove(value)
+            graph.initializers.pop(value.name)
+    names = {v.name for v in graph.inputs}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    if not out.is_file():
+        save_model(model, out)
+    return out, feeds
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -326,6 +382,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated variant keys (a,b,c,d,a-nopack,b-nopack,b-ext,b-ext-pack)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time (stable on a loaded machine; use with --threads 1, spinning threads count)")
+    parser.add_argument("--slot-forms", action="store_true",
+                        help="also time two other slot-branch forms on plain ORT: pre-transposed slots, scale folded")
     parser.add_argument("--memory", action="store_true",
                         help="only: resident memory of external-mode sessions with and without prepacking (subprocesses)")
     parser.add_argument("--_build", default=None, help=argparse.SUPPRESS)
@@ -380,6 +438,16 @@ def main(argv=None) -> int:
         cases["b-nopack"] = ("(b) AdapterSession, disable_prepacking=1", Ours(root / "pkg", t, False), False)
         cases["b-ext"] = ("(b) external-mode package (prepacking off: its default)", Ours(root / "pkg_external", t, False), False)
         cases["b-ext-pack"] = ("(b) external-mode package, disable_prepacking=0", Ours(root / "pkg_external", t, True), False)
+    if args.slot_forms:
+        for key, fold, label in (("b-T", False, "slots pre-transposed: MatMul, Mul, MatMul, Add"),
+                                 ("b-T-fold", True, "pre-transposed, scale folded: MatMul, MatMul, Add")):
+            path, feeds = slot_form(root, fold)
+            cases[key] = (f"plain ORT, {label}", Merged(path, t, True, info["layers"], heads, head_dim, feeds), False)
+        path = root / "pkg" / "model.onnx"
+        s = cases["b"][1].session
+        feeds = {k: v.numpy() for k, v in s._feed_for(s._key("default")).items()}
+        cases["b-plain"] = ("plain ORT, package graph as is: (Transpose) MatMul, Mul, (Transpose) MatMul, Add",
+                            Merged(path, t, True, info["layers"], heads, head_dim, feeds), False)
     if args.only:
         keep = set(args.only.split(",")) | {"a"}
         cases = {k: v for k, v in cases.items() if k in keep}
