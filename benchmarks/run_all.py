@@ -6,6 +6,7 @@ Runs (each measures our tool side by side with its peer in the same run):
   make_synthetic.py + bench_extract.py   extraction vs Olive ExtractAdapters, convert, adapter switching
   bench_runtime.py                       unmerged vs merged latency, export_peft vs torch.onnx.export
   bench_quant_minilm.py                  QDQ accuracy on real MiniLM, per-adapter vs shared encodings
+  bench_generate.py                      generation: merged vs AdapterSession.generate vs onnxruntime-genai
 Not run in CI (minutes to tens of minutes, GBs of disk for --size 1b).
 """
 
@@ -29,6 +30,7 @@ def main() -> int:
         [sys.executable, str(HERE / "bench_extract.py"), "--size", args.size],
         [sys.executable, str(HERE / "bench_runtime.py"), *(["--quick"] if args.quick else [])],
         [sys.executable, str(HERE / "bench_quant_minilm.py")],
+        [sys.executable, str(HERE / "bench_generate.py"), *(["--quick"] if args.quick else [])],
     ]
     failed = 0
     for cmd in steps:
