@@ -4,6 +4,10 @@ The package graph is left as it is (one adapter per run, no extra node: the sing
 keeps its speed); this pass derives a second graph, the *mixed form*, whose slot branches take
 per-row values. Rows are axis 0 of every model input.
 
+Before: the package graph's slot branch, one adapter for the whole batch
+(``x -> MatMul(x, Transpose(A slot)) -> Mul(scale slot) -> MatMul(., Transpose(B slot)) -> Add``, as read by
+:func:`graph_tools.passes.slots.find_slot_branches`). After: the mixed form below.
+
 One graph, two feed *layouts* chosen per run (:mod:`graph_tools.runtime.mixed`): each Linear /
 Conv1D site is three ops besides its Add, and the inputs A/B have no declared rank, so the same
 MatMuls serve both::
