@@ -25,7 +25,8 @@ round; the table gives medians and the ratio to (a). ``--prepacking both`` adds 
 ``external``-mode package with and without prepacking; ``--memory`` prints the resident memory
 that costs instead. ``--clock cpu`` measures process CPU time instead of wall time (stable on a
 shared machine; meaningful with ``--threads 1``, as spinning pool threads burn CPU time too).
-``--slot-forms`` adds, on plain ORT with the same loop as (a): the package graph as is, and two
+``--spinning both`` adds (a) and (b) with ``session.intra_op.allow_spinning=0`` (pool threads
+sleep instead of spinning between ops: much faster on an oversubscribed machine). ``--slot-forms`` adds, on plain ORT with the same loop as (a): the package graph as is, and two
 other slot-branch forms derived from it (A/B slots pre-transposed; and the scale folded into A),
 to show what the branch's form costs (ORT already fuses ``Transpose`` + ``MatMul`` into
 ``FusedMatMul(transB=1)``, so the package graph runs 4 ops per site, not 6).
@@ -146,7 +147,7 @@ def run_builder(root: Path, threads: int) -> str | None:
 
 
 # ============================================================================ variants (no torch)
-def _options(threads: int, prepacking: bool):
+def _options(threads: int, prepacking: bool, spinning: bool = True):
     import onnxruntime as ort
 
     o = ort.SessionOptions()
@@ -155,6 +156,8 @@ def _options(threads: int, prepacking: bool):
     o.log_severity_level = 3
     if not prepacking:
         o.add_session_config_entry("session.disable_prepacking", "1")
+    if not spinning:
+        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return o
 
 
@@ -162,10 +165,11 @@ class Merged:
     """(a): plain ORT on the merged graph, the loop ``generate`` runs (IOBinding, presents -> pasts)."""
 
     def __init__(self, path: Path, threads: int, prepacking: bool, layers: int, heads: int, head_dim: int,
-                 extra: dict | None = None):
+                 extra: dict | None = None, spinning: bool = True):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), _options(threads, prepacking), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), _options(threads, prepacking, spinning),
+                                            providers=["CPUExecutionProvider"])
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.extra = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (extra or {}).items()}  # bound once
 
@@ -211,12 +215,14 @@ class Merged:
 class Ours:
     """(b): ``AdapterSession.generate`` / ``generate_stream`` with the adapter."""
 
-    def __init__(self, pkg: Path, threads: int, prepacking: bool, adapter: str | None = "default"):
+    def __init__(self, pkg: Path, threads: int, prepacking: bool, adapter: str | None = "default", spinning: bool = True):
         """``prepacking`` sets ``session.disable_prepacking`` explicitly (external mode: "1" unless given)."""
         from graph_tools import AdapterSession
 
         o = _options(threads, True)
         config = {"session.disable_prepacking": "0" if prepacking else "1"}
+        if not spinning:
+            config["session.intra_op.allow_spinning"] = "0"
         self.session = AdapterSession(pkg, session_options=o, session_config=config)
         self.adapter = adapter
 
@@ -386,6 +392,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated variant keys (a,b,c,d,a-nopack,b-nopack,b-ext,b-ext-pack)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time (stable on a loaded machine; use with --threads 1, spinning threads count)")
+    parser.add_argument("--spinning", choices=["on", "both"], default="on",
+                        help="both: also (a)/(b) with session.intra_op.allow_spinning=0 (og keeps its own default)")
     parser.add_argument("--slot-forms", action="store_true",
                         help="also time two other slot-branch forms on plain ORT: pre-transposed slots, scale folded")
     parser.add_argument("--memory", action="store_true",
@@ -442,6 +450,10 @@ def main(argv=None) -> int:
         cases["b-nopack"] = ("(b) AdapterSession, disable_prepacking=1", Ours(root / "pkg", t, False), False)
         cases["b-ext"] = ("(b) external-mode package (prepacking off: its default)", Ours(root / "pkg_external", t, False), False)
         cases["b-ext-pack"] = ("(b) external-mode package, disable_prepacking=0", Ours(root / "pkg_external", t, True), False)
+    if args.spinning == "both":
+        cases["a-nospin"] = ("(a) merged, allow_spinning=0",
+                             Merged(merged_path, t, True, info["layers"], heads, head_dim, spinning=False), False)
+        cases["b-nospin"] = ("(b) AdapterSession, allow_spinning=0", Ours(root / "pkg", t, True, spinning=False), False)
     if args.slot_forms:
         for key, fold, label in (("b-T", False, "slots pre-transposed: MatMul, Mul, MatMul, Add"),
                                  ("b-T-fold", True, "pre-transposed, scale folded: MatMul, MatMul, Add")):
