@@ -74,6 +74,10 @@ def test_pipeline_python_api_matches(hf_folders, tmp_path):
         (["--base", "builtin:nothing", "--adapter", "a=x"], "unknown built-in"),
         (["--base", "builtin:tiny-llama", "--adapter", "broken"], "NAME=PEFT_DIR"),
         (["--base", "builtin:tiny-llama", "--adapter", "a=no/such/adapter"], "no/such/adapter"),
+        (["--base", "builtin:tiny-llama", "--adapter", "a=x", "--prompt", "hi"], "--task text-generation"),
+        (["--task", "text-generation", "--base", "builtin:minilm", "--adapter", "a=x"], "needs a causal LM"),
+        (["--task", "text-generation", "--base", "builtin:tiny-llama", "--adapter", "a=x", "--max-new-tokens", "0"],
+         "max_new_tokens must be a positive integer"),
     ],
 )
 def test_pipeline_bad_input(args, message, tmp_path, capsys):
