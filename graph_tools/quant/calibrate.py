@@ -37,9 +37,11 @@ class Ranges:
         self._hi: dict[str, list[float]] = {}
 
     def update(self, name: str, array: np.ndarray) -> None:
-        if array.size == 0:
-            lo = hi = 0.0
-        elif self.method == "minmax":
+        if array.size == 0:  # an empty tensor (a past KV input at prefill) says nothing about the range
+            self._lo.setdefault(name, [])
+            self._hi.setdefault(name, [])
+            return
+        if self.method == "minmax":
             lo, hi = float(array.min()), float(array.max())
         else:
             lo = float(np.percentile(array, 100 - self.percentile))
@@ -50,6 +52,8 @@ class Ranges:
     def get(self, name: str) -> tuple[float, float]:
         if name not in self._lo:
             raise QuantizationError(f"tensor {name!r} was not calibrated")
+        if not self._lo[name]:  # only ever seen empty: no range (quantize keeps it float)
+            return float("nan"), float("nan")
         if self.method == "minmax":
             return min(self._lo[name]), max(self._hi[name])
         return float(np.mean(self._lo[name])), float(np.mean(self._hi[name]))
