@@ -9,7 +9,9 @@ request 1 x 128 prompt tokens (prefill) then 64 greedy new tokens (decode, KV ca
 
 * ``sequential``: the 8 requests one after the other, switching adapter per request
 * ``mixed``: the 8 requests as one batch of 8, ``adapter=[a0, ..., a7]`` (one run per step; the
-  prompt in the "rows" layout, decode steps in "concat", chosen per run by tokens per row)
+  layout chosen per run: "rows", per-row stacked, for this batch)
+* ``mixed, concat layout``: the same on a second session forced to the "concat" layout (rank
+  concat + row mask) for every run
 * ``concat``: batch of 8, all 8 adapters active on every row (``{a0: 1, ..., a7: 1}``) on the
   package graph: every row pays the sum of ranks, as the "concat" layout does
 * ``one adapter``: batch of 8, every row ``a0`` (the package graph, single-adapter path)
@@ -139,7 +141,15 @@ def main(argv=None) -> int:
     package, merged = build(WORK)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
+    options.log_severity_level = 3  # slots are initializers that are also inputs: by design
     session = AdapterSession(package, session_options=options)
+    forced = AdapterSession(package, session_options=options)  # its own mixed session: every run "concat"
+
+    def concat_layout(output_names, feeds, choices, run_options):
+        values = forced._mixed_session(forced._row_keys(choices), "concat")
+        return forced._ort_run(values[0], output_names, {**feeds, **values[1]}, run_options)
+
+    forced._run_mixed = concat_layout
     plain = ort.InferenceSession(str(merged), options, providers=["CPUExecutionProvider"])
     past_in = [i for i in plain.get_inputs() if i.name.startswith("past_key_values")]
     kv_shape = (int(past_in[0].shape[1]), int(past_in[0].shape[3]))
@@ -159,6 +169,8 @@ def main(argv=None) -> int:
     cases = {
         "sequential": sequential,
         "mixed": lambda times, last: with_adapter(list(names)).steps(prompts, times, last),
+        "mixed, concat layout": lambda times, last: Runner(lambda feeds: forced.run(None, feeds, adapter=list(names)),
+                                                           layers, kv_shape).steps(prompts, times, last),
         "concat": lambda times, last: with_adapter({n: 1.0 for n in names}).steps(prompts, times, last),
         "one adapter": lambda times, last: with_adapter("a0").steps(prompts, times, last),
         "merged": lambda times, last: merged_runner.steps(prompts, times, last),

@@ -68,15 +68,17 @@ def test_mixed_rows_equal_rows_alone(model, mode, layout, zoo, graphs, tmp_path_
     assert {layout} == {cached[1] for cached in session._mixed._feeds}
 
 
-def test_layout_choice():
-    """Few tokens per row (decode steps) or no more distinct adapters than a row uses: rank concat."""
-    from graph_tools.runtime.mixed import CONCAT_MAX_TOKENS, choose_layout
+def test_layout_choice(monkeypatch):
+    """Rank concat when it costs no more rank than per-row stacking (or for runs of at most
+    CONCAT_MAX_TOKENS tokens per row); else per-row stacked."""
+    from graph_tools.runtime import mixed
 
     eight = tuple(((f"a{i}", 1.0),) for i in range(8))
-    assert choose_layout(eight, 1) == choose_layout(eight, CONCAT_MAX_TOKENS) == "concat"
-    assert choose_layout(eight, CONCAT_MAX_TOKENS + 1) == "rows"
-    assert choose_layout(((("a", 1.0),), None, (("a", 1.0),)), 512) == "concat"
-    assert choose_layout(((("a", 1.0), ("b", 1.0)), (("b", 2.0),)), 512) == "concat"
+    assert mixed.choose_layout(eight, 1) == mixed.choose_layout(eight, 128) == "rows"
+    assert mixed.choose_layout(((("a", 1.0),), None, (("a", 1.0),)), 512) == "concat"
+    assert mixed.choose_layout(((("a", 1.0), ("b", 1.0)), (("b", 2.0),)), 512) == "concat"
+    monkeypatch.setattr(mixed, "CONCAT_MAX_TOKENS", 4)
+    assert mixed.choose_layout(eight, 4) == "concat" and mixed.choose_layout(eight, 5) == "rows"
 
 
 def test_same_choice_everywhere_takes_the_package_graph(zoo, graphs, tmp_path_factory):

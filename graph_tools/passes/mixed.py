@@ -15,15 +15,18 @@ MatMuls serve both::
     x ─> base ──────────────────────────────────────────────> Add ─> y
     └──> MatMul(x, rows.A) ─> Mul(., rows.mask) ─> MatMul(., rows.B) ┘
 
-    "rows"   (BGMV-style; prefill): rows.A [rows, in, r] = A_row^T * scale_row (zero-padded to the
+    "rows"   (BGMV-style): rows.A [rows, in, r] = A_row^T * scale_row (zero-padded to the
              batch's largest rank), rows.B [rows, r, out] = B_row^T, rows.mask [1, 1, 1] = 1:
              batched MatMuls, each row pays its own rank.
-    "concat" (decode steps): rows.A [in, R] and rows.B [R, out] = every distinct adapter of the
+    "concat": rows.A [in, R] and rows.B [R, out] = every distinct adapter of the
              batch concatenated along rank (transposed), rows.mask [rows, 1, R] = row b's
              scale * weight on its adapters' rank blocks, 0 elsewhere: one GEMM per MatMul over
-             all rows, each row pays R (the sum of the batch's distinct ranks).
+             all rows, each row pays R (the sum of the batch's distinct ranks). Chosen when it
+             costs no more rank than "rows" (few distinct adapters in the batch).
 
-  x is read as [rows, tokens, in] (a Reshape pair is added only where x is not known to be rank 3).
+  x is read as [rows, tokens, in] (a Reshape pair is added only where x is not known to be rank 3;
+  the branch's values get their shapes stated, since A and B have none, so that ORT's fusions
+  after the site still apply).
 
 Embedding sites: ``Gather(rows.A, ids + rows.offset) * rows.mask -> MatMul(., rows.B)``; "rows":
 rows.A [rows * num, r] (row b's A^T * scale at rows b*num..), rows.offset [rows, 1] = b * num;
@@ -57,7 +60,7 @@ ROWS_PREFIX = "lora_rows."
 #: what the manifest records about the mixed form
 DESIGN = {
     "version": 2,
-    "layouts": "one graph; per run the 'rows' layout (per-row stacked, prefill) or 'concat' (rank concat + row mask, decode)",
+    "layouts": "one graph; per run the 'rows' layout (per-row stacked) or 'concat' (rank concat + row mask)",
     "linear": "MatMul(x[rows,t,in], A) * mask -> MatMul(., B); rows: A [rows,in,r] = A^T*scale, B [rows,r,out], "
               "mask [1,1,1]; concat: A [in,R], B [R,out], mask [rows,1,R]",
     "embedding": "Gather(A, ids + offset) * mask -> MatMul(., B); rows: A [rows*num,r], offset [rows,1] = row*num; "
@@ -204,6 +207,14 @@ class _Builder:
         y = self.add("MatMul", [scaled, b], name="lora_B")
         if reshape:
             y = self.add("Reshape", [y, self.add("Shape", [branch.base_input], name="base_shape")], name="branch")
+        elif x.shape is not None:
+            # A and B have no declared rank, so shape inference stops here: state the shapes (as
+            # both layouts give them), else ORT's later fusions (RMSNorm, attention) miss the graph
+            rows_t = list(x.shape)[:2]
+            for value in (after_a, scaled):
+                value.shape, value.type = ir.Shape([*rows_t, r]), ir.TensorType(self.dtype)
+            y.shape = ir.Shape([*rows_t, out] if branch.base_input.shape is None else list(branch.base_input.shape))
+            y.type = ir.TensorType(self.dtype)
         return y
 
     def conv(self, branch) -> ir.Value:

@@ -8,11 +8,13 @@ form that :class:`~graph_tools.passes.mixed.MakeMixedBatchPass` derives (the pac
 weights from the package's data file). A batch whose rows all make the same choice takes the
 ordinary single-adapter path.
 
-Feed values for a batch composition are computed once and cached (decode steps reuse them)::
+Feed values for a batch composition and layout (:func:`choose_layout`, per run) are computed
+once and cached (decode steps reuse them)::
 
-    rows.A[b] = concat_k(A_k * scale_k * weight_k)^T   [in, r_b] zero-padded to the batch's max rank
-    rows.B[b] = concat_k(B_k)^T                         [r_b, out]
-    conv:  A, B = every distinct choice concatenated along rank; mask[b] = its scales on its block
+    "rows":   A[b] = concat_k(A_k * scale_k * weight_k)^T   [in, r_b] zero-padded to the batch's max rank
+              B[b] = concat_k(B_k)^T                         [r_b, out];  mask = 1
+    "concat": A = concat_a(A_a)^T [in, R], B = concat_a(B_a)^T [R, out] over the batch's adapters a;
+              mask[b] = scale_a * weight_a of row b on adapter a's rank block   (conv: always)
 
 Plain onnxruntime: :func:`write_mixed_model` saves the mixed form as the package's
 ``model.mixed.onnx`` (it reads the package's data file, nothing is copied) and
@@ -41,8 +43,9 @@ logger = logging.getLogger(__name__)
 
 MIXED_FILE = "model.mixed.onnx"
 _MAX_COMPOSITIONS = 16
-#: runs with at most this many tokens per row take the "concat" layout (see :func:`choose_layout`)
-CONCAT_MAX_TOKENS = 32
+#: runs with at most this many tokens per row take the "concat" layout (see :func:`choose_layout`);
+#: 0: measured on the Llama-shaped benchmark (benchmarks/README.md), "rows" wins at decode too
+CONCAT_MAX_TOKENS = 0
 
 #: one row's choice, resolved: ((adapter weights {module: (A, B, scale)}, factor), ...)
 RowChoice = Sequence[tuple[Mapping[str, tuple[np.ndarray, np.ndarray, float]], float]]
@@ -72,7 +75,7 @@ def write_mixed_model(package_dir) -> Path:
 def mixed_feeds_for(package_dir, choices: Sequence, layout: str = "rows") -> dict[str, np.ndarray]:
     """``lora_rows.*`` arrays for ``choices`` (one per row: None, an adapter name of the package,
     or ``{name: weight}``), for plain onnxruntime serving of ``model.mixed.onnx``: ``layout``
-    ``"rows"`` for prompts / encoder runs, ``"concat"`` for decode steps (a few tokens per row)."""
+    ``"rows"`` (per-row stacked) or ``"concat"`` (cheaper when the batch has few distinct adapters)."""
     from graph_tools.adapters.compose import read_slot_weights
     from graph_tools.adapters.load import load_package
 
@@ -211,9 +214,9 @@ def refuse_quantized(owner) -> None:
 
 
 def choose_layout(keys: tuple, tokens: int) -> str:
-    """``"concat"`` for runs of at most :data:`CONCAT_MAX_TOKENS` tokens per row (decode steps: the
-    work is tiny, one GEMM over all rows beats per-row batched MatMuls) or when the batch has no
-    more distinct adapters than one row uses (concat then costs no more rank); else ``"rows"``."""
+    """``"concat"`` when the batch has no more distinct adapters than one row uses (concat then
+    costs no more rank than per-row stacking, and one GEMM serves all rows) or for runs of at most
+    :data:`CONCAT_MAX_TOKENS` tokens per row; else ``"rows"`` (each row pays only its own rank)."""
     if tokens <= CONCAT_MAX_TOKENS:
         return "concat"
     distinct = {a for key in keys if key for a, _ in key}
