@@ -12,8 +12,11 @@ One graph, two feed *layouts* chosen per run (:mod:`graph_tools.runtime.mixed`):
 Conv1D site is three ops besides its Add, and the inputs A/B have no declared rank, so the same
 MatMuls serve both::
 
-    x ─> base ──────────────────────────────────────────────> Add ─> y
-    └──> MatMul(x, rows.A) ─> Mul(., rows.mask) ─> MatMul(., rows.B) ┘
+    before:  x ─> base ───────────────────────────────────────────────────────> Add ─> y
+             └──> MatMul(x, Transpose(A)) ─> Mul(scale) ─> MatMul(., Transpose(B)) ┘
+
+    after:   x ─> base ──────────────────────────────────────────────> Add ─> y
+             └──> MatMul(x, rows.A) ─> Mul(., rows.mask) ─> MatMul(., rows.B) ┘
 
     "rows"   (BGMV-style): rows.A [rows, in, r] = A_row^T * scale_row (zero-padded to the
              batch's largest rank), rows.B [rows, r, out] = B_row^T, rows.mask [1, 1, 1] = 1:
