@@ -32,6 +32,10 @@ to show what the branch's form costs (ORT already fuses ``Transpose`` + ``MatMul
 ``FusedMatMul(transB=1)``, so the package graph runs 4 ops per site, not 6).
 The builder bakes the adapter into its graph (LoRA MatMuls with constant weights, B pre-scaled,
 fused GroupQueryAttention), so (d) has no og.Adapters and serves one adapter per graph.
+``--size 1b``: TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads,
+vocab 32000; ~4.4 GB fp32, random weights), its own work folder (``_work/generate/1b``; ``--layers N``
+gives a smaller ``1b-Nlayers`` one), no external-mode package; every session holds the weights, so run
+it with ``--only a,b,c --prepacking on --rounds 3 --threads 1 --clock cpu`` (only the listed variants are built).
 Nothing is asserted. Work files go to ``benchmarks/_work/generate``
 (gitignored); the model is built once (in a subprocess: the timing process imports no torch).
 """
@@ -56,6 +60,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SIZES = {
     "default": dict(hidden=512, intermediate=1376, layers=4, heads=8, vocab=32000),
     "quick": dict(hidden=64, intermediate=128, layers=2, heads=4, vocab=512),
+    # TinyLlama-1.1B's shape (GQA: 4 KV heads), random weights: ~4.4 GB fp32
+    "1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
 }
 PROMPT, NEW, PREFILL = 32, 64, 128
 GOAL = 1.10
@@ -63,8 +69,9 @@ CLOCK = time.perf_counter
 
 
 # ============================================================================ build (subprocess, torch)
-def build(size: str, root: Path) -> None:
-    """HF folder + PEFT adapter folder, export, package (inputs and external), merged graph, genai folder."""
+def build(size: str, root: Path, layers: int | None = None) -> None:
+    """HF folder + PEFT adapter folder, export, package (inputs and external), merged graph, genai folder.
+    ``1b``: no external-mode package (another 4.4 GB, only ``--prepacking both`` uses it)."""
     import logging
     import warnings
 
@@ -77,11 +84,19 @@ def build(size: str, root: Path) -> None:
 
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
-    s = SIZES[size]
+    s = dict(SIZES[size])
+    s.setdefault("kv_heads", s["heads"])
+    if layers:
+        s["layers"] = layers
     torch.manual_seed(0)
+    step_t0 = time.perf_counter()
+
+    def step(what: str) -> None:  # progress on stderr: the 1.1B build takes minutes
+        print(f"  build: {what} ({time.perf_counter() - step_t0:.0f} s, RSS {_rss_mb():.0f} MB)", file=sys.stderr, flush=True)
+
     config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=2048 if size == "1b" else 512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          attn_implementation="eager")
     base = LlamaForCausalLM(config).eval()
     tmp = root.with_name(root.name + ".tmp")
@@ -98,18 +113,25 @@ def build(size: str, root: Path) -> None:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.02)
     model.eval()
     model.save_pretrained(tmp / "adapter")  # adapter_config.json + adapter_model.safetensors
+    step("HF + adapter folders written")
     ids = torch.randint(3, s["vocab"], (1, 8))
     exported = export_peft(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp / "export" / "lora.onnx",
                            with_past=True, external_data=True).path
+    step("exported")
     pkg = extract_adapters(exported, tmp / "pkg")
-    extract_adapters(exported, tmp / "pkg_external", mode="external")
+    step("inputs-mode package")
+    if size != "1b":
+        extract_adapters(exported, tmp / "pkg_external", mode="external")
     merge_adapter(pkg.path, "default", tmp / "merged" / "merged.onnx")
+    step("merged")
     write_genai_folder(pkg.path, tmp / "genai")
+    step("genai folder")
     # the reference continuation (checked against every variant before timing)
     prompt = torch.randint(3, s["vocab"], (1, PROMPT), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
                              do_sample=False, pad_token_id=0)
+    step("PEFT reference continuation")
     (tmp / "info.json").write_text(json.dumps({"size": size, **s, "prompt": prompt[0].tolist(),
                                                "reference": out[0].tolist()}))
     shutil.rmtree(root, ignore_errors=True)
@@ -383,6 +405,10 @@ def measure(case, ids_prompt, ids_prefill, is_og: bool, prefill_repeat: int = 1)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model (checks that every variant runs)")
+    parser.add_argument("--size", choices=["default", "1b"], default="default",
+                        help="1b: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads; ~4.4 GB fp32, "
+                             "own work folder; use --only a,b,c --prepacking on and few --rounds)")
+    parser.add_argument("--layers", type=int, default=None, help="override the size's layer count (own work folder)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--prefill-repeat", type=int, default=1, help="prefill runs per round (the round keeps their median)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every session (og included)")
@@ -401,10 +427,10 @@ def main(argv=None) -> int:
     parser.add_argument("--_build", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    size = "quick" if args.quick else "default"
-    root = WORK / size
+    size = "quick" if args.quick else args.size
+    root = WORK / (size + (f"-{args.layers}layers" if args.layers else ""))
     if args._build:
-        build(args._build, root)
+        build(args._build, root, args.layers)
         return 0
     if args._memory:
         memory_worker(root, args._memory)
@@ -412,14 +438,20 @@ def main(argv=None) -> int:
     if args.rebuild or not (root / "info.json").is_file():
         print(f"building the {size} model in {root} (export, package, merge, genai folder) ...", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_build", size] + (["--quick"] if args.quick else []),
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_build", size, "--size", args.size]
+                       + (["--quick"] if args.quick else []) + (["--layers", str(args.layers)] if args.layers else []),
                        check=True, cwd=str(HERE.parent))
         print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.rebuild:
         shutil.rmtree(root / "builder", ignore_errors=True)
     if args.memory:
         return memory_table(root)
-    builder_error = run_builder(root, args.threads)
+    keep = set(args.only.split(",")) | {"a"} if args.only else None
+
+    def wanted(key: str) -> bool:  # construct only the sessions that run (1.1B: each holds ~4.4 GB)
+        return keep is None or key in keep
+
+    builder_error = run_builder(root, args.threads) if wanted("d") else "not run (--only)"
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -428,7 +460,7 @@ def main(argv=None) -> int:
     import onnxruntime_genai as og
 
     info = json.loads((root / "info.json").read_text())
-    heads, head_dim = info["heads"], info["hidden"] // info["heads"]
+    heads, head_dim = info.get("kv_heads", info["heads"]), info["hidden"] // info["heads"]  # past: KV heads
     t = args.threads
     # og rewrites genai_config.json (threads): work on copies
     for name in ("genai", "builder"):
@@ -438,13 +470,15 @@ def main(argv=None) -> int:
     cases: dict[str, tuple[str, object, bool]] = {}
     merged_path = root / "merged" / "merged.onnx"
     cases["a"] = ("(a) merged weights, plain ORT loop", Merged(merged_path, t, True, info["layers"], heads, head_dim), False)
-    cases["b"] = ("(b) AdapterSession.generate, adapter", Ours(root / "pkg", t, True), False)
-    cases["c"] = ("(c) onnxruntime-genai + og.Adapters, our folder",
-                  OgModel(root / "genai.run", t, root / "genai.run" / "adapters" / "default.onnx_adapter"), True)
-    if builder_error is None:
+    if wanted("b"):
+        cases["b"] = ("(b) AdapterSession.generate, adapter", Ours(root / "pkg", t, True), False)
+    if wanted("c"):
+        cases["c"] = ("(c) onnxruntime-genai + og.Adapters, our folder",
+                      OgModel(root / "genai.run", t, root / "genai.run" / "adapters" / "default.onnx_adapter"), True)
+    if builder_error is None and wanted("d"):
         adapter_files = sorted((root / "builder.run").glob("*.onnx_adapter"))
         cases["d"] = ("(d) GenAI model builder graph (adapter_path), og", OgModel(root / "builder.run", t, None), True)
-    if args.prepacking == "both":
+    if args.prepacking == "both" and (root / "pkg_external").is_dir():  # 1b: no external-mode package
         cases["a-nopack"] = ("(a) merged, disable_prepacking=1",
                              Merged(merged_path, t, False, info["layers"], heads, head_dim), False)
         cases["b-nopack"] = ("(b) AdapterSession, disable_prepacking=1", Ours(root / "pkg", t, False), False)
@@ -508,7 +542,7 @@ def main(argv=None) -> int:
     for key, (label, _, _) in cases.items():
         d, p = med[key]
         print(f"| {label} | {d:.2f} | {d / base_d:.2f} | {p:.1f} | {p / base_p:.2f} | {checks[key]} |")
-    if builder_error is not None:
+    if builder_error is not None and wanted("d"):
         print(f"| (d) GenAI model builder graph (adapter_path) | - | - | - | - | did not build: {builder_error} |")
     if "b" in med:
         d, p = med["b"]
