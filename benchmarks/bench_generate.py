@@ -531,7 +531,7 @@ def main(argv=None) -> int:
     base_d, base_p = med["a"]
     print()
     print(f"Llama-shaped: hidden {info['hidden']}, intermediate {info['intermediate']}, {info['layers']} layers, "
-          f"{heads} heads, vocab {info['vocab']}; LoRA r=16 on q/k/v/o/gate/up/down; fp32, CPU EP")
+          f"{info['heads']} heads ({heads} KV), vocab {info['vocab']}; LoRA r=16 on q/k/v/o/gate/up/down; fp32, CPU EP")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; intra-op threads {t}; "
           f"onnxruntime {ort.__version__}, onnxruntime-genai {og.__version__}; {args.rounds} interleaved rounds, medians "
           f"of {'process CPU time' if args.clock == 'cpu' else 'wall time'}; "
