@@ -131,7 +131,7 @@ def test_ranges_edge_cases():
     r.update("n", np.array([-0.5, -2.0], np.float32))
     r.update("e", np.zeros((0, 4), np.float32))
     assert r.get("z") == (0.0, 0.0) and r.get("n") == (-3.0, -0.5)
-    assert all(np.isnan(r.get("e")))  # only ever empty: no range (quantize keeps it float), not a made-up 0..0
+    assert r.get("e") == (0.0, 0.0) and not r.seen("e") and r.seen("z")  # only ever empty: quantize keeps it float
     r.update("n", np.zeros((0, 2), np.float32))  # an empty batch leaves a seen range alone
     assert r.get("n") == (-3.0, -0.5)
     p = Ranges("percentile", percentile=100.0)

@@ -49,11 +49,15 @@ class Ranges:
         self._lo.setdefault(name, []).append(lo)
         self._hi.setdefault(name, []).append(hi)
 
+    def seen(self, name: str) -> bool:
+        """Whether ``name`` held any value in the calibration (not only empty tensors)."""
+        return bool(self._lo.get(name))
+
     def get(self, name: str) -> tuple[float, float]:
         if name not in self._lo:
             raise QuantizationError(f"tensor {name!r} was not calibrated")
-        if not self._lo[name]:  # only ever seen empty: no range (quantize keeps it float)
-            return float("nan"), float("nan")
+        if not self._lo[name]:  # only ever seen empty (see ``seen``): nothing to cover
+            return 0.0, 0.0
         if self.method == "minmax":
             return min(self._lo[name]), max(self._hi[name])
         return float(np.mean(self._lo[name])), float(np.mean(self._hi[name]))

@@ -142,14 +142,15 @@ def quantize(
     ranges = collect_ranges(package.model_path, acts, runs, feeds, method=calibration_method)
     # tensors holding attention-mask sentinels (-inf / finfo.min) cannot share a scale with real
     # values: one code step would swallow every score. They stay float (listed in the manifest).
-    # A tensor calibration only ever saw empty (a past KV input fed no cache) has no range: it stays
-    # float too, with a warning, instead of a made-up scale that clips every later value.
     unquantizable = sorted(a for a in acts if any(not _sane(*r.get(a)) for r in ranges.values()))
-    never_seen = [a for a in unquantizable if any(np.isnan(r.get(a)[0]) for r in ranges.values())]
+    # A tensor empty in every calibration run (a past KV input fed no cache) has no range: it stays
+    # float too, with a warning, instead of a made-up scale that clips every later value.
+    never_seen = [a for a in acts if not any(r.seen(a) for r in ranges.values())]
     if never_seen:
         logger.warning("%d activations were empty in every calibration feed and stay float (%s%s); calibrate "
                        "with decode steps that carry a cache to quantize them", len(never_seen),
                        ", ".join(never_seen[:3]), ", ..." if len(never_seen) > 3 else "")
+        unquantizable = sorted({*unquantizable, *never_seen})
     acts = [a for a in acts if a not in set(unquantizable)]
     constant_outputs = {}  # aimet_placement: Constant-node outputs, quantized over their own value
     if aimet_placement:
