@@ -487,14 +487,29 @@ def _name_sources(package, base: str, adapters: Mapping[str, str | os.PathLike],
     return load_package(package.path)
 
 
-def _verify(model, names, sites, package, served, quantize, quiet) -> list[AdapterCheck]:
+def _sessions(package, served):
+    """The float package's session, the served (quantized) package's when it differs, and the
+    per-layer probe comparing the two (None, None without quantization)."""
     from graph_tools.runtime.session import AdapterSession
 
-    feeds_t = _example_inputs(model, 2, 16, seed=42)
-    feeds = {k: v.numpy() for k, v in feeds_t.items()}
     float_session = AdapterSession(package.path)
     q_session = AdapterSession(served.path) if served is not package else None
-    probe = _LayerProbe(float_session, q_session) if q_session is not None else None
+    return float_session, q_session, (_LayerProbe(float_session, q_session) if q_session is not None else None)
+
+
+def _adapter_facts(served, sites, adapter) -> tuple[str, int, int]:
+    """For the summary row: the adapter's rank(s) as text, its site count and its file size."""
+    spec = next((a for a in served.manifest.adapters if a.name == adapter), None)
+    size = (served.path / spec.file).stat().st_size if spec else 0
+    ranks = sorted(set(spec.rank.values())) if spec and isinstance(spec.rank, dict) else ([spec.rank] if spec else [])
+    n_sites = sum(1 for s in sites if s.adapter == adapter) if adapter else 0
+    return "-".join(map(str, ranks)) or "-", n_sites, size
+
+
+def _verify(model, names, sites, package, served, quantize, quiet) -> list[AdapterCheck]:
+    feeds_t = _example_inputs(model, 2, 16, seed=42)
+    feeds = {k: v.numpy() for k, v in feeds_t.items()}
+    float_session, q_session, probe = _sessions(package, served)
     checks = []
     choices: list[str | None] = [None, *names]
     bar = _Progress("verify", len(choices), quiet)
@@ -511,13 +526,10 @@ def _verify(model, names, sites, package, served, quantize, quiet) -> list[Adapt
             layer_errors = probe.errors(feeds, adapter)
             session = q_session
         ms = _latency(session, feeds, adapter)
-        spec = next((a for a in served.manifest.adapters if a.name == adapter), None)
-        size = (served.path / spec.file).stat().st_size if spec else 0
-        ranks = sorted(set(spec.rank.values())) if spec and isinstance(spec.rank, dict) else ([spec.rank] if spec else [])
-        n_sites = sum(1 for s in sites if s.adapter == adapter) if adapter else 0
+        rank, n_sites, size = _adapter_facts(served, sites, adapter)
         ok = f_err <= FLOAT_TOLERANCE and (q_cos is None or q_cos >= QDQ_MIN_COSINE[quantize])
         checks.append(AdapterCheck(
-            adapter or "(base)", "-".join(map(str, ranks)) or "-", n_sites, size, f_err, f_cos, q_err, q_cos, ms, ok, layer_errors,
+            adapter or "(base)", rank, n_sites, size, f_err, f_cos, q_err, q_cos, ms, ok, layer_errors,
         ))
         bar.step()
     _set_active(model, names)
@@ -636,14 +648,10 @@ def _continuations(generated: np.ndarray, prompt: _Prompt) -> list[list[int]]:
 
 
 def _verify_generation(model, names, sites, package, served, quantize, quiet, prompt: _Prompt) -> list[AdapterCheck]:
-    from graph_tools.runtime.session import AdapterSession
-
     feeds = _decoder_feeds(model, {"input_ids": prompt.ids, "attention_mask": prompt.mask})
     keep = prompt.mask.astype(bool)
     start = prompt.ids.shape[1]
-    float_session = AdapterSession(package.path)
-    q_session = AdapterSession(served.path) if served is not package else None
-    probe = _LayerProbe(float_session, q_session) if q_session is not None else None
+    float_session, q_session, probe = _sessions(package, served)
     checks = []
     choices: list[str | None] = [None, *names]
     bar = _Progress("verify", len(choices), quiet)
@@ -666,15 +674,12 @@ def _verify_generation(model, names, sites, package, served, quantize, quiet, pr
             layer_errors = probe.errors(feeds, adapter)
             session = q_session
         ms = _ms_per_token(session, prompt, adapter)
-        spec = next((a for a in served.manifest.adapters if a.name == adapter), None)
-        size = (served.path / spec.file).stat().st_size if spec else 0
-        ranks = sorted(set(spec.rank.values())) if spec and isinstance(spec.rank, dict) else ([spec.rank] if spec else [])
-        n_sites = sum(1 for s in sites if s.adapter == adapter) if adapter else 0
+        rank, n_sites, size = _adapter_facts(served, sites, adapter)
         ok = same == total and f_err <= FLOAT_TOLERANCE and (q_cos is None or q_cos >= QDQ_MIN_COSINE[quantize])
         rows = _continuations(got, prompt)
         texts = [prompt.tokenizer.decode(r, skip_special_tokens=True) for r in rows] if prompt.tokenizer is not None else None
         checks.append(AdapterCheck(
-            adapter or "(base)", "-".join(map(str, ranks)) or "-", n_sites, size, f_err, f_cos, q_err, q_cos, ms, ok, layer_errors,
+            adapter or "(base)", rank, n_sites, size, f_err, f_cos, q_err, q_cos, ms, ok, layer_errors,
             tokens_same=same, tokens_total=total, qdq_tokens_same=q_same, continuations=rows, texts=texts,
         ))
         bar.step()

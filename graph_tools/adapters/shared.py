@@ -22,7 +22,7 @@
   copy needs no index; once the rewrite tells which tensors the package still references, every
   other byte range of the copy (the LoRA tensors, padding) is punched out (``fallocate``
   ``PUNCH_HOLE``, or overwritten with zeros where the file system cannot), so no adapter bytes ship
-  with the base and the copy is byte for byte what :func:`copy_ranges` gives. Nothing about it
+  with the base (the copy holds exactly the referenced ranges, at their offsets). Nothing about it
   needs recording in the manifest: the package owns the file. Otherwise the graph is saved the
   ordinary onnx-ir way.
 """
@@ -43,7 +43,7 @@ import onnx_ir as ir
 
 from graph_tools.errors import PackageError, SharedBaseChangedError, first_line
 
-__all__ = ["external_files", "file_record", "check_shared", "copy_ranges", "FileCopy", "clear_unreferenced",
+__all__ = ["external_files", "file_record", "check_shared", "FileCopy", "clear_unreferenced",
            "shared_folder", "SOURCE_GRAPH"]
 
 logger = logging.getLogger(__name__)
@@ -108,17 +108,6 @@ def _spans(tensors: list[ir.ExternalTensor]) -> list[list[int]]:
         else:
             merged.append([start, end])
     return merged
-
-
-def copy_ranges(src: Path, dst: Path, tensors: list[ir.ExternalTensor]) -> int:
-    """Copy the byte ranges of ``tensors`` from ``src`` to the same offsets of ``dst`` (a sparse
-    file of ``src``'s size); returns the bytes copied."""
-    copied = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        fout.truncate(src.stat().st_size)
-        for start, end in _spans(tensors):
-            copied += _copy_span(fin, fout, start, end)
-    return copied
 
 
 #: bytes per ``copy_file_range`` call of :class:`FileCopy` (a cancel is seen between calls)
