@@ -19,6 +19,7 @@ import onnx_ir as ir
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 import graph_builder  # noqa: E402
 
@@ -130,30 +131,38 @@ def graphs(zoo, tmp_path_factory) -> Graphs:
 
 
 class DecoderExports:
-    """``decoders(family) -> (peft_model, path)``: a tiny PEFT causal LM of ``family`` (two
-    adapters, see decoder_models.py) exported once per run with ``export_peft(with_past=True)``."""
+    """``decoders(family) -> (peft_model, path)``: a tiny PEFT causal LM of ``family`` (two adapters,
+    see decoder_models.py) and its committed KV-cache export ``fixtures/kv_<family>.onnx`` (made by
+    the same ``decoder_models.export_kv``; ``test_export_decoder`` checks it is what the exporter
+    writes today). ``decoders.exported(family)`` exports afresh, once per run, for the export tests.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._built: dict[str, tuple] = {}
+        self._models: dict[str, object] = {}
+        self._exported: dict[str, tuple] = {}
+
+    def model(self, family: str):
+        if family not in self._models:
+            import decoder_models
+
+            self._models[family] = decoder_models.causal_lm(family)
+        return self._models[family]
 
     def __call__(self, family: str):
-        if family not in self._built:
-            import torch
+        return self.model(family), FIXTURES / f"kv_{family}.onnx"
 
+    def exported(self, family: str):
+        if family not in self._exported:
             import decoder_models
-            from exporters import export_peft
 
-            model = decoder_models.causal_lm(family)
-            example = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.int64)}
             path = self.folder / f"{family}.onnx"
-            result = export_peft(model, example, path, with_past=True)
-            self._built[family] = (model, path, result)
-        return self._built[family][:2]
+            self._exported[family] = (path, decoder_models.export_kv(self.model(family), path))
+        return self.model(family), self._exported[family][0]
 
     def result(self, family: str):
-        self(family)
-        return self._built[family][2]
+        self.exported(family)
+        return self._exported[family][1]
 
 
 @pytest.fixture(scope="session")

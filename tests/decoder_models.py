@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-__all__ = ["FAMILIES", "VOCAB", "causal_lm", "reference_step", "save_hf_folders"]
+__all__ = ["FAMILIES", "VOCAB", "causal_lm", "export_kv", "reference_step", "save_hf_folders"]
 
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, attn_implementation="eager", use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -87,6 +87,15 @@ def causal_lm(family: str, seed: int = 4321, **config):
             if ".lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.4)
     return model.eval()
+
+
+def export_kv(model, path):
+    """``export_peft(model, ..., with_past=True)`` with the example prompt every KV test uses (the
+    committed ``fixtures/kv_<family>.onnx`` are made by this too)."""
+    from exporters import export_peft
+
+    example = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.int64)}
+    return export_peft(model, example, path, with_past=True)
 
 
 def reference_step(model, input_ids, attention_mask, past=None):

@@ -1,10 +1,12 @@
 """Shared by the adapter-package tests: zoo models with two adapters of different ranks, exported
 once per test session, PEFT reference outputs, and one package per (model, mode).
 
-Exports are slow (seconds each), so they are cached at module level: every test module asks
-:func:`get_case` and the first caller pays. Llama reuses the session ``graphs`` export of the zoo's
-``llama_two_adapters`` (shared with the exporter tests); GPT-2, BERT and the CNN get a ``second``
-adapter (other rank, a subset of the targets plus one module of its own) on top of the zoo model.
+The exports are committed fixtures (``fixtures/make_fixtures.py``), so no test here exports: llama
+is the zoo's ``llama_two_adapters`` (``ours_llama_two_adapters.onnx``); GPT-2, BERT and the CNN get
+a ``second`` adapter (other rank, a subset of the targets plus one module of its own) on top of
+the zoo model (``two_<name>.onnx``, exported from :func:`two_adapter_model`). The PyTorch models are
+built here from the same seeds, for the PEFT reference outputs. Cases are cached at module level:
+every test module asks :func:`get_case` and the first caller pays.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 import models
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 #: extract_adapters keyword arguments per mode under test
 MODES: dict[str, dict] = {
@@ -83,18 +87,16 @@ def two_adapter_model(name: str):
     return model.eval(), inputs
 
 
-def get_case(name: str, zoo, graphs, tmp_path_factory) -> Case:
+def fixture_name(name: str) -> str:
+    """The committed export of case ``name`` (``fixtures/<this>.onnx``)."""
+    return f"ours_{ZOO_NAME[name]}" if name == "llama" else f"two_{name}"
+
+
+def get_case(name: str, zoo, tmp_path_factory) -> Case:
     if name not in _CASES:
         folder = tmp_path_factory.mktemp(f"pkg_{name}")
-        if name == "llama":
-            model, inputs = zoo[ZOO_NAME[name]]
-            export = graphs("ours", ZOO_NAME[name])
-        else:
-            from exporters import export_peft
-
-            model, inputs = two_adapter_model(name)
-            export = folder / "export" / "model.onnx"
-            export_peft(model, inputs, export, dynamic_shapes=models.dynamic_axes(name, inputs))
+        model = zoo[ZOO_NAME[name]][0] if name == "llama" else two_adapter_model(name)[0]
+        export = FIXTURES / f"{fixture_name(name)}.onnx"
         torch_feeds = models.example_inputs(ZOO_NAME[name], 3, 7)
         feeds = {k: v.numpy() for k, v in torch_feeds.items()}
         _CASES[name] = Case(name, model, Path(export), feeds, torch_feeds, folder)

@@ -7,6 +7,7 @@ import pytest
 
 from graph_tools import AdapterSession
 from graph_tools.cli import main
+from conftest import FIXTURES
 
 WORDS = [f"w{i}" for i in range(96)]
 
@@ -68,9 +69,9 @@ def test_generate_bad_input_is_one_line_exit_2(capsys, decoder_packages, tmp_pat
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
-def test_generate_on_a_package_exported_without_past(capsys, graphs, tmp_path):
+def test_generate_on_a_package_exported_without_past(capsys, tmp_path):
     from graph_tools import extract_adapters
 
-    pkg = extract_adapters(graphs("ours", "llama"), tmp_path / "pkg").path
+    pkg = extract_adapters(FIXTURES / "ours_llama.onnx", tmp_path / "pkg").path
     code, out, err = _cli(capsys, "generate", pkg, "--ids", "1,2")
     assert code == 2 and out == "" and err.count("\n") == 1 and "not exported with past" in err

@@ -42,8 +42,8 @@ def run_cli(capsys):
 
 
 @pytest.fixture(scope="module")
-def case(zoo, graphs, tmp_path_factory):
-    return H.get_case("llama", zoo, graphs, tmp_path_factory)
+def case(zoo, tmp_path_factory):
+    return H.get_case("llama", zoo, tmp_path_factory)
 
 
 def _npz_error(path, ref) -> float:

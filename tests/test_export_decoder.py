@@ -1,6 +1,8 @@
 """export_peft(with_past=True): KV-cache decoders of every family == PyTorch PEFT.
 
-Each family's tiny model (two adapters, both active in the raw export) is exported once per run;
+Each family's tiny model (two adapters, both active in the raw export) is exported once per run
+(``decoders.exported``; the other decoder tests read the committed ``fixtures/kv_<family>.onnx``,
+and ``test_committed_kv_fixture_is_todays_export`` keeps those equal to this export);
 ORT logits and presents are compared with PyTorch for a prefill (zero-length past), a one-token
 decode fed ORT's own presents, a chunked prefill (several tokens with past) and a left-padded
 batch, each against PyTorch on the same positions and mask.
@@ -50,7 +52,7 @@ class _Runner:
 
 
 def _runner(decoders, family):
-    model, path = decoders(family)
+    model, path = decoders.exported(family)
     info = read_decoder_info(ir.load(path))
     runner = _Runner(path, info.num_hidden_layers)
     runner.kv_shape = (info.num_key_value_heads, 0, info.head_dim)
@@ -118,7 +120,7 @@ def test_left_padded_batch_matches_pytorch(family, decoders):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_io_names_axes_and_metadata(family, decoders):
-    model, path = decoders(family)
+    model, path = decoders.exported(family)
     graph_model = ir.load(path)
     info = read_decoder_info(graph_model)
     layers = model.config.num_hidden_layers
@@ -137,13 +139,32 @@ def test_decoder_io_names_axes_and_metadata(family, decoders):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_branches_unmerged_with_peft_names(family, decoders):
-    model, path = decoders(family)
+    model, path = decoders.exported(family)
     result = decoders.result(family)
     assert result.adapters == ["default", "second"]
     assert {s.key for s in result.sites} == set(models.expected_sites(model))
     graph = ir.load(path).graph
     lora = [k for k in model.state_dict() if ".lora_" in k]
     assert lora and all(k in graph.initializers for k in lora)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_committed_kv_fixture_is_todays_export(family, decoders):
+    """The generation, genai and mixed-batch tests run on fixtures/kv_<family>.onnx: it must be what
+    the exporter writes today (same nodes, names, weights, inputs, outputs and metadata).
+    Regenerate with ``python fixtures/make_fixtures.py kv_<family>`` when this fails on purpose."""
+    fresh, committed = ir.load(decoders.exported(family)[1]), ir.load(decoders(family)[1])
+    ir.external_data.load_to_model(fresh)
+    assert dict(fresh.metadata_props) == dict(committed.metadata_props)
+    for got, want in ((committed.graph.inputs, fresh.graph.inputs), (committed.graph.outputs, fresh.graph.outputs)):
+        assert [(v.name, v.dtype, str(v.shape)) for v in got] == [(v.name, v.dtype, str(v.shape)) for v in want]
+    assert [(n.op_type, n.name, [v.name if v else "" for v in n.inputs]) for n in committed.graph] == [
+        (n.op_type, n.name, [v.name if v else "" for v in n.inputs]) for n in fresh.graph]
+    assert [n.metadata_props.get("lora_onnx.module") for n in committed.graph] == [
+        n.metadata_props.get("lora_onnx.module") for n in fresh.graph]
+    assert sorted(committed.graph.initializers) == sorted(fresh.graph.initializers)
+    for name, value in fresh.graph.initializers.items():
+        np.testing.assert_array_equal(committed.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
 
 
 def test_with_past_refuses_other_example_inputs(decoders):

@@ -58,7 +58,9 @@ def test_detection_matches_golden(name):
 @pytest.mark.torch
 def test_expected_counts():
     """Golden files hold what the fixtures are built to contain (guards a bad regeneration)."""
+    import decoder_models
     import models
+    import package_helpers
 
     counts = {name: len(json.loads((FIXTURES / f"{name}.sites.json").read_text())) for name in NAMES}
     for name, count in counts.items():
@@ -67,5 +69,9 @@ def test_expected_counts():
             assert count == len(models.EXPECTED[rest]), name
         elif source == "negative":
             assert count == 0, name
+        elif source == "kv":  # every (module, adapter) of the tiny causal LM
+            assert count == len(models.expected_sites(decoder_models.causal_lm(rest))), name
+        elif source == "two":
+            assert count == len(models.expected_sites(package_helpers.two_adapter_model(rest)[0])), name
         else:
             assert count == (2 if rest == "two_adapters" else 1), name

@@ -20,6 +20,7 @@ from graph_tools import extract_adapters
 from graph_tools.cli import main as cli_main
 
 import onnxruntime_genai as og
+from conftest import FIXTURES
 
 NEW_TOKENS = 10
 EOS = 2
@@ -164,8 +165,8 @@ def test_tokenizer_folder_missing_files_refused(missing, packages, tmp_path):
     assert _only_entries(tmp_path) == ["tok"]
 
 
-def test_package_without_past_refused(graphs, tmp_path):
-    package = extract_adapters(graphs("ours", "llama"), tmp_path / "pkg")
+def test_package_without_past_refused(tmp_path):
+    package = extract_adapters(FIXTURES / "ours_llama.onnx", tmp_path / "pkg")
     with pytest.raises(PackageError, match="without past"):
         write_genai_folder(package.path, tmp_path / "genai")
     assert _only_entries(tmp_path) == ["pkg"]

@@ -20,6 +20,7 @@ from graph_tools import AdapterError, LoraOnnxError
 from graph_tools.errors import GenerationError, PackageError
 from graph_tools.runtime.decoder import read_decoder_info
 from graph_tools.runtime.session import AdapterSession
+from conftest import FIXTURES
 
 FAMILIES = decoder_models.FAMILIES
 COMBO = {"default": 0.7, "second": 0.5}
@@ -153,10 +154,10 @@ def test_bad_generation_arguments(decoder_packages):
         session.generate(np.zeros((1, 0), np.int64))
 
 
-def test_generate_on_a_package_without_past(graphs, tmp_path):
+def test_generate_on_a_package_without_past(tmp_path):
     from graph_tools import extract_adapters
 
-    pkg = extract_adapters(graphs("ours", "llama"), tmp_path / "pkg").path
+    pkg = extract_adapters(FIXTURES / "ours_llama.onnx", tmp_path / "pkg").path
     with pytest.raises(PackageError, match="not exported with past"):
         AdapterSession(pkg).generate(np.array([[1, 2, 3]]))
     assert issubclass(PackageError, LoraOnnxError)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import onnx_ir as ir
 import pytest
 
 import graph_builder as gb
-from graph_tools import ExternalDataError, LoraOnnxError, ModelLoadError, find_lora_sites
+from graph_tools import ExternalDataError, LoraOnnxError, ModelLoadError, cli, find_lora_sites
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,9 +49,18 @@ def _relocate(path: Path, location: str) -> None:
     path.write_bytes(proto.SerializeToString())
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _subprocess(*args: str) -> subprocess.CompletedProcess:
+    """The real command line, in its own process (exit code and streams as a user sees them)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "graph_tools.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def _cli(*args: str) -> SimpleNamespace:
+    """``cli.main`` in-process (fast): its exit code and what it wrote to stdout/stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _fails(path, error: type[LoraOnnxError], *words: str) -> None:
@@ -64,12 +76,16 @@ def _fails(path, error: type[LoraOnnxError], *words: str) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:"), result.stderr
 
 
-def test_good_model_loads(good, external):
+def test_good_model_loads(good, external, tmp_path):
     assert len(find_lora_sites(good)) == 1
     assert len(find_lora_sites(external)) == 1
-    result = _cli("inspect", str(external), "--json")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["count"] == 1
+    for run in (_cli, _subprocess):
+        result = run("inspect", str(external), "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["count"] == 1
+    result = _subprocess("inspect", str(tmp_path / "nope.onnx"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:"), result.stderr
 
 
 def test_missing_file(tmp_path):

@@ -17,8 +17,8 @@ from graph_tools.adapters.strip import strip_adapters
 
 
 @pytest.fixture(scope="module", params=H.MODELS)
-def case(request, zoo, graphs, tmp_path_factory):
-    return H.get_case(request.param, zoo, graphs, tmp_path_factory)
+def case(request, zoo, tmp_path_factory):
+    return H.get_case(request.param, zoo, tmp_path_factory)
 
 
 def _run_plain(path, feeds):
@@ -41,8 +41,8 @@ MERGE_CASES = [(n, m) for n in ("llama", "cnn") for m in H.MODES] + [(n, m) for 
 
 
 @pytest.mark.parametrize("name,mode", MERGE_CASES)
-def test_merge_matches_peft(name, mode, zoo, graphs, tmp_path_factory, tmp_path):
-    case = H.get_case(name, zoo, graphs, tmp_path_factory)
+def test_merge_matches_peft(name, mode, zoo, tmp_path_factory, tmp_path):
+    case = H.get_case(name, zoo, tmp_path_factory)
     package = H.get_package(case, mode)
     for adapter in ("default", "second"):
         out = merge_adapter(package, adapter, tmp_path / adapter / "model.onnx")

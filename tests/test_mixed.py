@@ -59,8 +59,8 @@ def force_layout(monkeypatch):
 @pytest.mark.parametrize("layout", ["rows", "concat"])
 @pytest.mark.parametrize("mode", ["inputs", "pack", "max_rank", "external"])
 @pytest.mark.parametrize("model", H.MODELS)
-def test_mixed_rows_equal_rows_alone(model, mode, layout, zoo, graphs, tmp_path_factory, force_layout):
-    case = H.get_case(model, zoo, graphs, tmp_path_factory)
+def test_mixed_rows_equal_rows_alone(model, mode, layout, zoo, tmp_path_factory, force_layout):
+    case = H.get_case(model, zoo, tmp_path_factory)
     session = AdapterSession(H.get_package(case, mode))
     force_layout(layout)
     for rows in ROWS.values():
@@ -81,8 +81,8 @@ def test_layout_choice(monkeypatch):
     assert mixed.choose_layout(eight, 4) == "concat" and mixed.choose_layout(eight, 5) == "rows"
 
 
-def test_same_choice_everywhere_takes_the_package_graph(zoo, graphs, tmp_path_factory):
-    case = H.get_case("llama", zoo, graphs, tmp_path_factory)
+def test_same_choice_everywhere_takes_the_package_graph(zoo, tmp_path_factory):
+    case = H.get_case("llama", zoo, tmp_path_factory)
     session = AdapterSession(H.get_package(case, "inputs"))
     got = session.run(None, case.feeds, adapter=["default"] * 3)
     want = session.run(None, case.feeds, adapter="default")
@@ -91,8 +91,8 @@ def test_same_choice_everywhere_takes_the_package_graph(zoo, graphs, tmp_path_fa
     assert session._mixed is None  # no mixed-form session was made
 
 
-def test_mixed_bad_input(zoo, graphs, tmp_path_factory):
-    case = H.get_case("llama", zoo, graphs, tmp_path_factory)
+def test_mixed_bad_input(zoo, tmp_path_factory):
+    case = H.get_case("llama", zoo, tmp_path_factory)
     session = AdapterSession(H.get_package(case, "inputs"))
     with pytest.raises(AdapterError, match="3"):
         session.run(None, case.feeds, adapter=["default", "second"])
@@ -104,11 +104,11 @@ def test_mixed_bad_input(zoo, graphs, tmp_path_factory):
         session.run(None, {**case.feeds, "lora_rows.x.A": np.zeros(1, np.float32)}, adapter=["default", None, "second"])
 
 
-def test_plain_onnxruntime_mixed_form(zoo, graphs, tmp_path_factory, tmp_path):
+def test_plain_onnxruntime_mixed_form(zoo, tmp_path_factory, tmp_path):
     """README: ``write_mixed_model`` + ``mixed_feeds_for`` served by plain onnxruntime."""
     from graph_tools.runtime.mixed import mixed_feeds_for, write_mixed_model
 
-    case = H.get_case("bert", zoo, graphs, tmp_path_factory)
+    case = H.get_case("bert", zoo, tmp_path_factory)
     package = H.copy_package(H.get_package(case, "inputs"), tmp_path / "pkg")
     rows = ["second", {"default": 0.5, "second": 1.5}, None]
     path = write_mixed_model(package)

@@ -17,6 +17,7 @@ import pytest
 
 import models
 import package_helpers as H
+from package_helpers import FIXTURES
 from graph_tools.adapters import files
 from graph_tools.adapters import manifest as mf
 from graph_tools.adapters.extract import extract_adapters
@@ -29,8 +30,8 @@ ERRORS: dict[tuple[str, str, str], float] = {}
 
 
 @pytest.fixture(scope="module", params=H.MODELS)
-def case(request, zoo, graphs, tmp_path_factory):
-    return H.get_case(request.param, zoo, graphs, tmp_path_factory)
+def case(request, zoo, tmp_path_factory):
+    return H.get_case(request.param, zoo, tmp_path_factory)
 
 
 @pytest.mark.parametrize("mode", list(H.MODES))
@@ -189,10 +190,10 @@ def test_manifest_records_adapters(case):
         assert {"name", "shape", "dtype", "site", "role", "layout"} <= set(slot)
 
 
-def test_rank_pattern_model(zoo, graphs, tmp_path):
+def test_rank_pattern_model(zoo, tmp_path):
     """rank_pattern/alpha_pattern: sites of one adapter with different ranks run in one graph."""
     model, _ = zoo["llama_patterns"]
-    package = extract_adapters(graphs("ours", "llama_patterns"), tmp_path / "pkg").path
+    package = extract_adapters(FIXTURES / "ours_llama_patterns.onnx", tmp_path / "pkg").path
     man = load_package(package).manifest
     ranks = man.adapters[0].rank
     assert len(set(ranks.values())) > 1, ranks
@@ -207,7 +208,7 @@ def test_rank_pattern_model(zoo, graphs, tmp_path):
     base = session.run(None, {k: v.numpy() for k, v in feeds.items()})
     assert H.max_error(names, base, H.peft_outputs(model, feeds, None)) <= H.TOL
     # fixed rank + pack too: padding per site up to the largest rank
-    packed = extract_adapters(graphs("ours", "llama_patterns"), tmp_path / "packed", pack=True).path
+    packed = extract_adapters(FIXTURES / "ours_llama_patterns.onnx", tmp_path / "packed", pack=True).path
     got = AdapterSession(packed).run(None, {k: v.numpy() for k, v in feeds.items()}, adapter="default")
     assert H.max_error(names, got, H.peft_outputs(model, feeds, "default")) <= H.TOL
 

@@ -26,8 +26,8 @@ LORA_ONNX = shutil.which("lora-onnx", path=str(Path(sys.executable).parent)) or 
 
 
 @pytest.fixture(scope="module")
-def case(zoo, graphs, tmp_path_factory):
-    return H.get_case("llama", zoo, graphs, tmp_path_factory)
+def case(zoo, tmp_path_factory):
+    return H.get_case("llama", zoo, tmp_path_factory)
 
 
 @pytest.fixture

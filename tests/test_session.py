@@ -16,8 +16,8 @@ from graph_tools.runtime.session import AdapterSession
 
 
 @pytest.fixture(scope="module")
-def case(zoo, graphs, tmp_path_factory):
-    return H.get_case("llama", zoo, graphs, tmp_path_factory)
+def case(zoo, tmp_path_factory):
+    return H.get_case("llama", zoo, tmp_path_factory)
 
 
 @pytest.mark.parametrize("mode", ["inputs", "pack", "max_rank"])

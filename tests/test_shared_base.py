@@ -23,8 +23,8 @@ DATA = "model.onnx.data"
 
 
 @pytest.fixture(scope="module")
-def case(zoo, graphs, tmp_path_factory):
-    return H.get_case("llama", zoo, graphs, tmp_path_factory)
+def case(zoo, tmp_path_factory):
+    return H.get_case("llama", zoo, tmp_path_factory)
 
 
 def _exported(case, folder: Path) -> Path:
