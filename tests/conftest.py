@@ -188,13 +188,9 @@ def decoder_packages(decoders, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama_package(tmp_path_factory):
-    """A one-layer tiny Llama with two adapters, exported and extracted once per run (read-only:
-    the quantization tests share it)."""
-    from exporters import export_peft
-    from exporters.demo_models import tiny_llama
+    """The built-in demo Llama (one layer, hidden 32, two adapters), its committed export
+    ``fixtures/demo_tiny_llama.onnx`` extracted once per run (read-only: the quantization tests
+    share it)."""
     from graph_tools import extract_adapters
 
-    root = tmp_path_factory.mktemp("tiny_llama_package")
-    model, inputs = tiny_llama(layers=1, hidden=32)
-    export_peft(model, inputs, root / "model.onnx")
-    return extract_adapters(root / "model.onnx", root / "pkg")
+    return extract_adapters(FIXTURES / "demo_tiny_llama.onnx", tmp_path_factory.mktemp("tiny_llama_package") / "pkg")

@@ -71,6 +71,10 @@ def test_expected_counts():
             assert count == 0, name
         elif source == "kv":  # every (module, adapter) of the tiny causal LM
             assert count == len(models.expected_sites(decoder_models.causal_lm(rest))), name
+        elif source == "demo":
+            from exporters.demo_models import tiny_llama
+
+            assert count == len(models.expected_sites(tiny_llama(layers=1, hidden=32)[0])), name
         elif source == "two":
             assert count == len(models.expected_sites(package_helpers.two_adapter_model(rest)[0])), name
         else:

@@ -4,39 +4,24 @@ close to the float package's session on calibrated inputs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
-from peft import LoraConfig
 
-from exporters import export_peft
 from graph_tools.adapters.extract import extract_adapters
 from graph_tools.quant import quantize
 from graph_tools.runtime.session import AdapterSession
-from models import VOCAB, bert, dynamic_axes, gpt2
 
-SECOND = {
-    "gpt2": dict(target_modules=["c_attn"], fan_in_fan_out=True),
-    "bert": dict(target_modules=["key", "value"]),
-}
-
-
-def _build(name: str):
-    model, inputs = {"gpt2": gpt2, "bert": bert}[name]()
-    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, init_lora_weights=False, **SECOND[name]))
-    g = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if ".lora_" in pname and ".second" in pname:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
-    return model.eval(), inputs
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+VOCAB = 64  # models.VOCAB, the zoo's vocabulary (this file runs without torch)
 
 
 def _batches(name: str, n: int, seed: int, batch: int = 2, seq: int = 6):
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        feed = {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g).numpy(),
+        feed = {"input_ids": rng.integers(0, VOCAB, (batch, seq)),
                 "attention_mask": np.ones((batch, seq), np.int64)}
         if name == "bert":
             feed["token_type_ids"] = np.zeros((batch, seq), np.int64)
@@ -53,9 +38,8 @@ def _cos(a, b):
 def packages(request, tmp_path_factory):
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    model, inputs = _build(name)
-    export_peft(model, inputs, root / "model.onnx", dynamic_shapes=dynamic_axes(name, inputs))
-    fpkg = extract_adapters(root / "model.onnx", root / "pkg")
+    # the zoo model with package_helpers' `second` adapter, exported (fixtures/make_fixtures.py)
+    fpkg = extract_adapters(FIXTURES / f"two_{name}.onnx", root / "pkg")
     calib = _batches(name, 3, seed=11)
     # zoo adapters move outputs far beyond the base ranges: the default scope ("auto") makes those
     # encodings per adapter ("lora" scope would clip downstream of each site)
