@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from exporters.pipelines import quiet_when_asked
+
 __all__ = ["tiny_llama", "tiny_llama_base", "minilm_dir", "train_demo_adapters", "DEMO_TASKS", "byte_bpe_tokenizer",
            "train_demo_lm", "DEMO_LM_BASE", "DEMO_LM_ADAPTERS", "DEMO_LM_PROMPTS"]
 
@@ -247,6 +249,7 @@ def _train_demo_lm(out: Path, tokenizer, corpus, base_steps, adapter_steps, hidd
     return out / "base", paths
 
 
+@quiet_when_asked
 def generation_demo(out: str | Path, *, quantize: str = "w8a16", activation_scope: str = "auto", quiet: bool = False,
                     base_steps: int = 200, adapter_steps: int = 100, max_new_tokens: int = 24, report: bool = True):
     """The generation half of ``lora-onnx demo``: :func:`train_demo_lm`, then

@@ -13,7 +13,9 @@ batch of prompts) besides the prefill logits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -332,6 +334,38 @@ def _decoder_feeds(model, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     return feeds
 
 
+@contextlib.contextmanager
+def quiet_transformers(quiet: bool = True):
+    """With ``quiet``: no transformers progress bars ("Loading weights", "Writing model shards")
+    and only its errors, restored afterwards (transformers keeps both as process-wide settings)."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(level)
+
+
+def quiet_when_asked(fn):
+    """Run ``fn`` inside :func:`quiet_transformers` when it is called with ``quiet=True``."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with quiet_transformers(bool(inspect.signature(fn).bind(*args, **kwargs).arguments.get("quiet"))):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@quiet_when_asked
 def pipeline(
     base: str,
     adapters: Mapping[str, str | os.PathLike],

@@ -111,12 +111,21 @@ def causal_folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generation_run(causal_folders, tmp_path_factory):
+    """``lora-onnx pipeline --task text-generation`` in-process (cli.main), quantized W8A16: the
+    command's exit code, stdout and stderr (fd-level, so C++ and library output counts too)."""
+    import contextlib
+    import io
+
+    from graph_tools import cli
+
     base, adapters = causal_folders
     out = tmp_path_factory.mktemp("gen") / "out"
-    res = _cli("pipeline", "--task", "text-generation", "--base", str(base), "--adapter", f"a={adapters['a']}",
-               "--adapter", f"b={adapters['b']}", "-o", str(out), "--quantize", "none", "--prompt", "the cat",
-               "--prompt", "we like red", "--max-new-tokens", "12", "-q")
-    return out, res
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(["pipeline", "--task", "text-generation", "--base", str(base), "--adapter", f"a={adapters['a']}",
+                         "--adapter", f"b={adapters['b']}", "-o", str(out), "--quantize", "w8a16", "--prompt", "the cat",
+                         "--prompt", "we like red", "--max-new-tokens", "12", "-q"])
+    return out, subprocess.CompletedProcess([], code, stdout.getvalue(), stderr.getvalue())
 
 
 def test_text_generation_pipeline_cli(generation_run, causal_folders):
@@ -126,11 +135,17 @@ def test_text_generation_pipeline_cli(generation_run, causal_folders):
     base, adapters = causal_folders
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stderr == ""
-    # the summary: greedy tokens == PEFT generate for the base model and each adapter (2 prompts x 12)
+    # the summary: fp32 greedy tokens == PEFT generate for the base model and each adapter (2
+    # prompts x 12), and the QDQ package's logit cosine and token agreement beside them
+    header = next(line for line in res.stdout.splitlines() if "greedy == PEFT" in line)
+    assert "qdq cos" in header and "qdq tokens" in header, header
     for name in ("(base)", "a", "b"):
         row = next(line for line in res.stdout.splitlines() if line.startswith(name + " "))
-        assert " 24/24 " in row and row.rstrip().endswith("yes"), row
-    assert "greedy == PEFT" in res.stdout and "prompt 0: 'the cat'" in res.stdout
+        cells = row.split()  # adapter rank sites KiB max-abs greedy qdq-cos qdq-tokens ms/token ok
+        assert len(cells) == 10 and cells[5] == "24/24" and cells[-1] == "yes", row
+        assert float(cells[6]) > 0.99 and cells[7].endswith("/24"), row
+    assert "prompt 0: 'the cat'" in res.stdout
+    assert (out / "quantized" / "encodings" / "a.encodings").is_file()
     # the manifest names the user's folders, not the pipeline's temporary export
     manifest = json.loads((out / "package" / "manifest.json").read_text())
     assert {a["name"]: a["source"] for a in manifest["adapters"]} == {n: f"peft:{d.resolve()}" for n, d in adapters.items()}
@@ -173,21 +188,26 @@ def test_text_generation_genai_folder_generates_like_the_package(generation_run)
         assert got == want[: len(got)] and len(got) > len(ids), choice
 
 
-def test_text_generation_python_api_quantized(causal_folders, tmp_path):
-    """Python API, random-id prompts, W8A16: fp32 tokens == PEFT, QDQ logits close, QDQ tokens reported."""
-    from exporters import pipeline
+def test_text_generation_default_prompts_are_seeded_ids_shown_as_text(causal_folders):
+    """Without ``prompts`` the verify batch is two rows of seeded random ids (8 and 5 tokens),
+    left-padded, decoded with the base folder's tokenizer for the summary (no export needed)."""
+    from transformers import AutoModelForCausalLM
 
-    base, adapters = causal_folders
-    result = pipeline(str(base), adapters, tmp_path / "o", task="text-generation", quantize="w8a16", quiet=True, report=False,
-                      max_new_tokens=6)
-    assert result.passed, result.table()
-    assert [c.adapter for c in result.checks] == ["(base)", "a", "b"]
-    for c in result.checks:
-        assert c.tokens_same == c.tokens_total == 12 and c.float_max_abs <= 1e-4
-        assert c.qdq_cosine > 0.99 and c.qdq_tokens_same is not None
-    assert result.prompt_texts is not None and len(result.prompts) == 2  # decoded with the base folder's tokenizer
-    assert len({tuple(c.continuations[0]) for c in result.checks}) == 3  # the adapters change the continuation
-    assert (tmp_path / "o" / "quantized" / "encodings" / "a.encodings").is_file()
+    from exporters.pipelines import _prompts
+    from graph_tools.runtime.generate import load_tokenizer
+
+    base, _ = causal_folders
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
+    first = _prompts(model, None, tokenizer, 6)
+    assert [len(r) for r in first.rows] == [8, 5] and first.ids.shape == (2, 8)
+    assert first.mask.tolist()[1] == [0, 0, 0] + [1] * 5  # left padding
+    assert first.ids[0].tolist() == first.rows[0] and first.ids[1, 3:].tolist() == first.rows[1]
+    assert first.texts is not None and len(first.texts) == 2 and all(isinstance(t, str) for t in first.texts)
+    again = _prompts(model, None, tokenizer, 6)
+    assert again.rows == first.rows  # seeded: every run verifies on the same rows
+    given = _prompts(model, ["the cat"], tokenizer, 6)
+    assert given.texts == ["the cat"] and given.rows == [list(tokenizer.encode("the cat").ids)]
 
 
 def test_text_generation_refuses_an_encoder(hf_folders, tmp_path, capsys):
@@ -201,14 +221,16 @@ def test_text_generation_refuses_an_encoder(hf_folders, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_generation_demo_at_reduced_size(tmp_path):
+def test_generation_demo_at_reduced_size(tmp_path, capfd):
     """The demo's generation half (fewer training steps): a small LM and two topic adapters trained
-    in-process, greedy continuations from one session == PEFT generate, shown in the report."""
+    in-process, greedy continuations from one session == PEFT generate, shown in the report; quiet
+    means quiet (no transformers progress bars either)."""
     from exporters.demo_models import DEMO_LM_ADAPTERS, DEMO_LM_PROMPTS, generation_demo
     from graph_tools.report import write_report
 
     out = tmp_path / "demo" / "generation"
-    result = generation_demo(out, quantize="w8a16", quiet=True, base_steps=60, adapter_steps=40, max_new_tokens=10)
+    result = generation_demo(out, quantize="w8a16", quiet=True, base_steps=30, adapter_steps=20, max_new_tokens=10)
+    assert capfd.readouterr().err == ""
     assert result.passed, result.table()
     assert [c.adapter for c in result.checks] == ["(base)", *sorted(DEMO_LM_ADAPTERS)]
     assert result.prompt_texts == DEMO_LM_PROMPTS
