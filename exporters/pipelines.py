@@ -146,18 +146,29 @@ class PipelineResult:
 
 
 class _Progress:
-    """One tqdm bar per stage on stderr, with elapsed time (silent with quiet=True)."""
+    """One tqdm bar per stage on stderr, with elapsed time (silent with quiet=True). When stderr is
+    not a terminal (a log file, CI), one plain line per finished stage instead of ``\r`` updates."""
 
     def __init__(self, label: str, total: int, quiet: bool):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=max(total, 1), desc=f"{label:<10}", disable=quiet, file=sys.stderr,
-                         bar_format="{desc} {bar:24} {n_fmt}/{total_fmt} [{elapsed}]", ascii=True)
+        self._label, self._total, self._done = label, max(total, 1), 0
+        self._start = time.perf_counter()
+        isatty = getattr(sys.stderr, "isatty", None)
+        self._plain = not quiet and not (isatty and isatty())
+        self._bar = None if quiet or self._plain else tqdm(
+            total=self._total, desc=f"{label:<10}", file=sys.stderr, bar_format="{desc} {bar:24} {n_fmt}/{total_fmt} [{elapsed}]",
+            ascii=True)
 
     def step(self, n: int = 1) -> None:
-        self._bar.update(n)
-        if self._bar.n >= self._bar.total:
-            self._bar.close()
+        before, self._done = self._done, self._done + n
+        if self._bar is not None:
+            self._bar.update(n)
+            if self._done >= self._total:
+                self._bar.close()
+        elif self._plain and before < self._total <= self._done:
+            print(f"{self._label:<10} {self._total}/{self._total} [{time.perf_counter() - self._start:.1f}s]",
+                  file=sys.stderr, flush=True)
 
 
 def load_base(base: str, task: str | None = None):

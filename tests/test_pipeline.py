@@ -250,3 +250,24 @@ def test_generation_demo_at_reduced_size(tmp_path, capfd):
     # the demo's main report shows the generation run as a companion section
     main = write_report(result, tmp_path / "main.html", companions=[("Text generation", result, "generation/report.html")])
     assert "id='companion'" in main.read_text() and "generation/report.html" in main.read_text()
+
+
+def test_progress_is_one_plain_line_per_stage_in_a_log(monkeypatch):
+    """stderr not a terminal (a log, CI): one line per finished stage, no carriage returns; quiet:
+    nothing at all."""
+    import io
+
+    from exporters.pipelines import _Progress
+
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    bar = _Progress("export", 2, quiet=False)
+    bar.step()
+    assert log.getvalue() == ""
+    bar.step()
+    bar.step()  # past the total: still one line
+    quiet = _Progress("verify", 1, quiet=True)
+    quiet.step()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("export     2/2 [") and lines[0].endswith("s]"), lines
+    assert "\r" not in log.getvalue()
