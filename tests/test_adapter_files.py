@@ -368,3 +368,22 @@ def test_several_active_adapters_do_not_add_up(tmp_path):
     (only_second,) = session.run(None, {"X": x, "A": 2 * weights["A"], "B": weights["B"]})
     # duplicate names are not summed or concatenated: one of them is used (1.32: the first added)
     assert np.allclose(both, only_first, atol=1e-6) or np.allclose(both, only_second, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, ml_dtypes.bfloat16])
+def test_finite_check_by_exponent_bits_is_exact(tmp_path, dtype):
+    """The fast check (all exponent bits set) refuses exactly NaN and +-inf: the largest finite
+    value, subnormals and -0 pass; each non-finite value is found wherever it sits, strided too."""
+    info = ml_dtypes.finfo(dtype) if dtype is ml_dtypes.bfloat16 else np.finfo(dtype)
+    edge = np.array([info.max, -info.max, info.smallest_subnormal, -0.0, 0.0, info.tiny], dtype=dtype)
+    write_adapter(_path(tmp_path, "safetensors"), {"t": edge, "strided": np.tile(edge, (2, 1))[:, ::2]})
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, 3, 5):
+            tensor = edge.copy()
+            tensor[where] = bad
+            with pytest.raises(AdapterError, match="'t' has 1 non-finite"):
+                write_adapter(_path(tmp_path, "safetensors"), {"t": tensor})
+        strided = np.tile(edge, (2, 1))
+        strided[1, 2] = bad
+        with pytest.raises(AdapterError, match="'t' has 1 non-finite"):
+            write_adapter(_path(tmp_path, "safetensors"), {"t": strided[:, ::2]})

