@@ -39,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import make_synthetic  # noqa: E402
+# make_synthetic (onnx-ir, numpy) is imported by the driver functions only: a worker's process must
+# import nothing of its own before the code it measures (onnx-ir first would load sympy eagerly)
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -350,6 +351,8 @@ def fmt_mem(x: int) -> str:
 
 
 def run_all(args) -> str:
+    import make_synthetic
+
     root = make_synthetic.generate(args.size, dtype=args.dtype)
     info = json.loads((root / "info.json").read_text())
     model = root / "model" / "model.onnx"
@@ -537,6 +540,8 @@ def run_all(args) -> str:
 
 
 def main(argv=None) -> int:
+    import make_synthetic
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(make_synthetic.SIZES), default="tiny")
     parser.add_argument("--dtype", choices=make_synthetic.DTYPES, default="float16",
@@ -559,9 +564,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        job = json.loads(args.worker)
-        print(RESULT + json.dumps(WORKERS[job["kind"]](job)), flush=True)
-        return 0
+        return run_worker(args.worker)
     table = run_all(args)
     print(table)
     if args.output:
@@ -569,5 +572,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_worker(job: str) -> int:
+    job = json.loads(job)
+    print(RESULT + json.dumps(WORKERS[job["kind"]](job)), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":  # spawn(): straight to the job, nothing else imported
+        sys.exit(run_worker(sys.argv[2]))
     sys.exit(main())
