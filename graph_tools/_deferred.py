@@ -8,9 +8,9 @@ Importing sympy takes ~0.3 s, a fifth of a whole ``lora-onnx extract`` process, 
 
 :func:`defer` (run by ``graph_tools/__init__`` before anything imports onnx-ir) puts a stand-in
 module for ``sympy`` and for ``onnx_ir._symbolic_shapes`` into ``sys.modules``. Each is the very
-module object the real import would make (same spec, ``__path__``, ``__file__``); on the first
-attribute lookup it does not hold yet (any sympy name), it runs the real module code into itself
-and from then on is an ordinary module. Nothing is deferred when sympy or onnx-ir is already
+module object the real import would make (same spec, ``__file__``); on the first lookup of a name
+it does not hold yet (any sympy name, or ``__path__``, which importing a submodule reads), it runs
+the real module code into itself and from then on is an ordinary module. Nothing is deferred when sympy or onnx-ir is already
 imported, or when onnx-ir's layout is not the one this was written for (``_symbolic_shapes``).
 """
 
@@ -37,8 +37,11 @@ class _Deferred(types.ModuleType):
         with _LOCK:
             if type(self) is _Deferred:  # not loaded meanwhile by another thread
                 self.__class__ = types.ModuleType
+                spec = self.__spec__
+                if spec.submodule_search_locations is not None:
+                    self.__path__ = spec.submodule_search_locations
                 try:
-                    self.__spec__.loader.exec_module(self)
+                    spec.loader.exec_module(self)
                 except BaseException:
                     sys.modules.pop(self.__spec__.name, None)  # as a failed eager import leaves it
                     raise
@@ -47,6 +50,9 @@ class _Deferred(types.ModuleType):
 
 def _stand_in(spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)  # __spec__, __path__, __file__, __loader__ ...
+    # without __path__ until loaded: importing a submodule (``import sympy.polys``) reads the
+    # parent's __path__, so the package's own code runs first, as with an eager import
+    module.__dict__.pop("__path__", None)
     module.__class__ = _Deferred
     return module
 

@@ -48,3 +48,13 @@ def test_nothing_deferred_when_sympy_came_first():
         "type(sys.modules['onnx_ir._symbolic_shapes']) is types.ModuleType)"
     )
     assert out == ["False", "True", "True"]
+
+
+def test_submodule_first_runs_the_package_first():
+    """``from sympy.polys import ...`` before any sympy name: the package's own code runs first, as
+    with an eager import (else sympy/__init__ would find sympy.polys half initialized)."""
+    out = _python(
+        "import sys, types, graph_tools; from sympy.polys import polytools; import sympy; "
+        "print(type(sys.modules['sympy']) is types.ModuleType, sympy.Poly(sympy.Symbol('x') ** 2 + 1).degree())"
+    )
+    assert out == ["True", "2"]
