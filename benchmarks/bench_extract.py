@@ -39,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import make_synthetic  # noqa: E402
+# make_synthetic (onnx-ir, numpy) is imported by the driver functions only: a worker's process must
+# import nothing of its own before the code it measures (onnx-ir first would load sympy eagerly)
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -257,6 +258,7 @@ def spawn(job: dict, *, python: str | None = None, timeout: float = 3600, code: 
     ``code``: another checkout whose ``graph_tools`` the worker imports (e.g. the code before a change)."""
     cmd = [python or sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     env = dict(os.environ, OLIVE_DISABLE_TELEMETRY="1", PYTHONWARNINGS="ignore")
+    bytecode_env(env)
     if code is not None:
         env["PYTHONPATH"] = str(Path(code).resolve())
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -273,6 +275,14 @@ def spawn(job: dict, *, python: str | None = None, timeout: float = 3600, code: 
     result["process_wall"] = total
     result["process_cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
+
+
+def bytecode_env(env: dict) -> dict:
+    """Workers cache compiled bytecode, as a default Python and ``pip install`` do: without
+    ``PYTHONDONTWRITEBYTECODE`` (set on some CI/dev machines) every process would recompile
+    graph_tools' sources, ~0.1 s that no installed user pays. ``__pycache__`` is gitignored."""
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def warm_cache(path: Path) -> None:
@@ -341,6 +351,8 @@ def fmt_mem(x: int) -> str:
 
 
 def run_all(args) -> str:
+    import make_synthetic
+
     root = make_synthetic.generate(args.size, dtype=args.dtype)
     info = json.loads((root / "info.json").read_text())
     model = root / "model" / "model.onnx"
@@ -528,6 +540,8 @@ def run_all(args) -> str:
 
 
 def main(argv=None) -> int:
+    import make_synthetic
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(make_synthetic.SIZES), default="tiny")
     parser.add_argument("--dtype", choices=make_synthetic.DTYPES, default="float16",
@@ -550,9 +564,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        job = json.loads(args.worker)
-        print(RESULT + json.dumps(WORKERS[job["kind"]](job)), flush=True)
-        return 0
+        return run_worker(args.worker)
     table = run_all(args)
     print(table)
     if args.output:
@@ -560,5 +572,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_worker(job: str) -> int:
+    job = json.loads(job)
+    print(RESULT + json.dumps(WORKERS[job["kind"]](job)), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":  # spawn(): straight to the job, nothing else imported
+        sys.exit(run_worker(sys.argv[2]))
     sys.exit(main())

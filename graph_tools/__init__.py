@@ -3,6 +3,10 @@
 Graph work only: nothing here imports torch or :mod:`exporters` (export is ``exporters.export_peft``).
 """
 
+from graph_tools import _deferred
+
+_deferred.defer()  # before onnx-ir is imported: sympy on first use (see graph_tools/_deferred.py)
+
 from graph_tools.adapters.convert import convert_peft_adapter
 from graph_tools.adapters.extract import extract_adapters
 from graph_tools.adapters.load import AdapterPackage, load_package

@@ -13,11 +13,13 @@
 * :func:`package_lock` is an OS lock (``flock``) on a package folder, held by every writer that
   changes an existing package (adapter files + manifest), so concurrent writers lose no update.
 * :func:`read_json` reads a JSON file as one typed error on every failure (also nesting too deep).
+* :func:`gc_paused`: no cyclic garbage collection while a graph is built and rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -53,9 +55,25 @@ __all__ = [
     "save_model",
     "package_lock",
     "read_json",
+    "gc_paused",
 ]
 
 logger = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the body, back on after (if it was on). Loading a
+    1.1B graph makes ~100k onnx-ir objects that all stay alive; the collections their allocation
+    triggers scan them again and again and free nothing (~15% of an extraction). Reference
+    counting still frees everything else; cycles made meanwhile wait for the next collection."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
 
 # ------------------------------------------------------------------------------------ loading
 

@@ -94,6 +94,57 @@ def test_round_trip_every_dtype(tmp_path, fmt, dtype):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
 
+def _ort_export(path, tensors, adapter_version=1, model_version=1):
+    """What ``write_adapter`` did before it wrote the flatbuffer itself: onnxruntime's own writer."""
+    params = {}
+    for name, array in tensors.items():
+        if array.dtype == ml_dtypes.bfloat16:
+            params[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), ir.DataType.BFLOAT16.value)
+        else:
+            params[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    writer = ort.AdapterFormat()
+    writer.set_adapter_version(adapter_version)
+    writer.set_model_version(model_version)
+    writer.set_parameters(params)
+    writer.export_adapter(str(path))
+
+
+@pytest.mark.parametrize("versions", [(1, 1), (0, 0), (7, 2**31 - 1)])
+def test_onnx_adapter_reads_as_onnxruntimes_own(tmp_path, versions):
+    """Our flatbuffer writer against ``AdapterFormat.export_adapter``: onnxruntime reads both into
+    the same parameters (names, dtypes, shapes, bytes, order) and versions, and runs both."""
+    tensors = {f"t.{dtype}": _sample(dtype) for dtype in SUPPORTED_DTYPES}
+    tensors |= {"empty": np.zeros((4, 0), np.float32), "ünïcode/name": RNG.standard_normal((2, 3, 1)).astype(np.float16),
+                "odd": np.arange(3, dtype=np.uint8), "row": RNG.standard_normal((1, 5)).astype(np.float32)}
+    meta = {"adapter_version": str(versions[0]), "model_version": str(versions[1])}
+    ours = write_adapter(tmp_path / "ours.onnx_adapter", tensors, metadata=meta)
+    _ort_export(tmp_path / "theirs.onnx_adapter", tensors, *versions)
+    mine, theirs = ort.AdapterFormat.read_adapter(str(ours)), ort.AdapterFormat.read_adapter(str(tmp_path / "theirs.onnx_adapter"))
+    assert (mine.get_adapter_version(), mine.get_model_version()) == versions
+    assert (theirs.get_adapter_version(), theirs.get_model_version()) == versions
+    a, b = mine.get_parameters(), theirs.get_parameters()
+    assert list(a) == list(b)
+    for name in a:
+        assert (a[name].element_type(), a[name].shape(), a[name].tensor_size_in_bytes()) == \
+            (b[name].element_type(), b[name].shape(), b[name].tensor_size_in_bytes()), name
+    back = read_adapter(ours)
+    for name, array in tensors.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape and back[name].tobytes() == array.tobytes()
+    # and a run through a LoRA graph: the same outputs as with onnxruntime's file
+    feeds = {"A": RNG.standard_normal((IN, RANK)).astype(np.float32), "B": RNG.standard_normal((RANK, OUT)).astype(np.float32)}
+    session = _session(_lora_model())
+    x = {"X": RNG.standard_normal((BATCH, IN)).astype(np.float32)}
+    outs = []
+    for writer in ("ours", "theirs"):
+        path = tmp_path / f"run-{writer}.onnx_adapter"
+        write_adapter(path, feeds) if writer == "ours" else _ort_export(path, feeds)
+        run_options, adapter = _active(path)
+        outs.append(session.run(None, x, run_options)[0])
+        del adapter
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(outs[0], session.run(None, {**x, **feeds})[0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("fmt", ADAPTER_FORMATS)
 def test_onnx_adapter_and_bfloat16_load_in_ort(tmp_path, fmt):
     path = write_adapter(_path(tmp_path, fmt), {"A": _sample("bfloat16"), "B": _sample("int8")})
@@ -317,3 +368,22 @@ def test_several_active_adapters_do_not_add_up(tmp_path):
     (only_second,) = session.run(None, {"X": x, "A": 2 * weights["A"], "B": weights["B"]})
     # duplicate names are not summed or concatenated: one of them is used (1.32: the first added)
     assert np.allclose(both, only_first, atol=1e-6) or np.allclose(both, only_second, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, ml_dtypes.bfloat16])
+def test_finite_check_by_exponent_bits_is_exact(tmp_path, dtype):
+    """The fast check (all exponent bits set) refuses exactly NaN and +-inf: the largest finite
+    value, subnormals and -0 pass; each non-finite value is found wherever it sits, strided too."""
+    info = ml_dtypes.finfo(dtype) if dtype is ml_dtypes.bfloat16 else np.finfo(dtype)
+    edge = np.array([info.max, -info.max, info.smallest_subnormal, -0.0, 0.0, info.tiny], dtype=dtype)
+    write_adapter(_path(tmp_path, "safetensors"), {"t": edge, "strided": np.tile(edge, (2, 1))[:, ::2]})
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, 3, 5):
+            tensor = edge.copy()
+            tensor[where] = bad
+            with pytest.raises(AdapterError, match="'t' has 1 non-finite"):
+                write_adapter(_path(tmp_path, "safetensors"), {"t": tensor})
+        strided = np.tile(edge, (2, 1))
+        strided[1, 2] = bad
+        with pytest.raises(AdapterError, match="'t' has 1 non-finite"):
+            write_adapter(_path(tmp_path, "safetensors"), {"t": strided[:, ::2]})

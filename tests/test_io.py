@@ -138,3 +138,43 @@ def test_external_data_absolute_path(external, tmp_path):
 
 def test_folder_without_model(tmp_path):
     _fails(tmp_path, ModelLoadError, "model.onnx")
+
+
+def test_gc_paused_restores_the_collector():
+    import gc
+
+    from graph_tools._io import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with gc_paused():
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # the caller's choice stays
+    finally:
+        gc.enable()
+
+
+def test_extraction_leaves_the_collector_on(tmp_path):
+    import gc
+
+    from graph_tools import NoLoraError, extract_adapters
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "dynamo_llama_two_adapters.onnx"
+    extract_adapters(fixture, tmp_path / "pkg")
+    assert gc.isenabled()
+    plain = tmp_path / "plain.onnx"
+    b = gb.GraphBuilder()
+    y = b.op("Relu", b.input("X", [2], ir.DataType.FLOAT))
+    y.name = "Y"
+    ir.save(b.model(y), plain)
+    with pytest.raises(NoLoraError):
+        extract_adapters(plain, tmp_path / "none")
+    assert gc.isenabled()

@@ -214,3 +214,35 @@ def test_a_taken_slot_name_is_refused():
     layers.model.graph.register_initializer(ir.Value(name=taken, const_value=ir.tensor(np.zeros(1, np.float32), name=taken)))
     with pytest.raises(AdapterError, match="already exists"):
         run_passes(layers.model, ReplaceLoraWithSlotsPass(groups))
+
+
+def test_shared_mapping_reads_what_onnx_ir_reads(tmp_path):
+    """One map per data file; every tensor equals ``ExternalTensor.numpy()``; sub-byte, empty and
+    in-memory tensors take onnx-ir's own path; a path outside the model folder is still refused."""
+    import ml_dtypes
+
+    from graph_tools.passes._weights import SharedMapping
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f16": rng.standard_normal((3, 5)).astype(np.float16), "f32": rng.standard_normal((4,)).astype(np.float32),
+        "bf16": rng.standard_normal((2, 3)).astype(ml_dtypes.bfloat16), "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "u8": np.arange(7, dtype=np.uint8), "empty": np.zeros((0, 3), np.float32),
+        "i4": np.array([1, -2, 3, -4], dtype=ml_dtypes.int4),
+    }
+    graph = ir.Graph([], [], nodes=[], initializers=[ir.Value(name=k, const_value=ir.tensor(v, name=k)) for k, v in arrays.items()],
+                     opset_imports={"": 18})
+    ir.save(ir.Model(graph, ir_version=10), tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    model = ir.load(tmp_path / "m.onnx")
+    mapping = SharedMapping()
+    for name, want in arrays.items():
+        tensor = model.graph.initializers[name].const_value
+        got = mapping.array(tensor)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32), err_msg=name)
+    assert len(mapping._maps) == 1
+    assert mapping.array(ir.tensor(np.ones(2, np.float32))).tolist() == [1.0, 1.0]
+    outside = ir.ExternalTensor("../elsewhere.data", offset=0, length=8, dtype=ir.DataType.FLOAT, shape=ir.Shape([2]),
+                                name="x", base_dir=tmp_path / "sub")
+    with pytest.raises(ValueError, match="outside the base directory"):
+        SharedMapping().array(outside)

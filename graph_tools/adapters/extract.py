@@ -21,7 +21,7 @@ import onnx_ir as ir
 if TYPE_CHECKING:
     import onnx
 
-from graph_tools._io import atomic_output, model_files, refuse_overlap, working_copy
+from graph_tools._io import atomic_output, gc_paused, model_files, refuse_overlap, working_copy
 from graph_tools.adapters import files, manifest as mf, shared
 from graph_tools.adapters.compose import pack_tensors, slot_tensors
 from graph_tools.adapters.load import DATA_FILE, EXTERNAL_SLOT_FILE, MODEL_FILE, MODES, AdapterPackage
@@ -54,6 +54,12 @@ def extract_adapters(
     ``share_base``: the package graph references the source's external-data file in place
     instead of a copy (:mod:`graph_tools.adapters.shared`); needs ``out_dir`` to be the folder
     holding the source. ``None`` (default): share exactly then, else copy."""
+    with gc_paused():
+        return _extract_adapters(model_path, out_dir, mode=mode, format=format, pack=pack, max_rank=max_rank,
+                                 share_base=share_base)
+
+
+def _extract_adapters(model_path, out_dir, *, mode, format, pack, max_rank, share_base) -> AdapterPackage:
     if mode not in MODES:
         raise PackageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if format not in files.ADAPTER_SUFFIX:

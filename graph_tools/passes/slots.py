@@ -21,7 +21,7 @@ import onnx_ir as ir
 from graph_tools.errors import AdapterError, NoLoraError
 from graph_tools.lora import LoraSite
 from graph_tools.lora.naming import PEFT_PREFIX
-from graph_tools.passes._weights import eval_constant_subgraph, to_peft_layout
+from graph_tools.passes._weights import SharedMapping, eval_constant_subgraph, to_peft_layout
 
 __all__ = ["SlotGroup", "plan_slots", "read_adapter_weights", "slot_names", "SlotBranch", "find_slot_branches", "infer_slot_specs"]
 
@@ -142,12 +142,13 @@ def read_adapter_weights(model: ir.Model, groups: list[SlotGroup]) -> dict[str, 
     A scale held by a graph input is read from its default initializer (times the site's
     constant ``scale_factor``); a LoRA weight or scale without a value in the graph is refused."""
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]] = {}
+    mapping = SharedMapping()
     for group in groups:
         for site in group.sites:
             parts = site.require_parts(model.graph)
             where = f"module {site.module!r}, adapter {site.adapter!r}"
-            a = _effective_weight(parts.a, where, "lora_A")
-            b = _effective_weight(parts.b, where, "lora_B")
+            a = _effective_weight(parts.a, where, "lora_A", mapping)
+            b = _effective_weight(parts.b, where, "lora_B", mapping)
             scale = site.scale
             if isinstance(scale, str):
                 value = parts.scale_value
@@ -164,9 +165,9 @@ def read_adapter_weights(model: ir.Model, groups: list[SlotGroup]) -> dict[str, 
     return out
 
 
-def _effective_weight(node: ir.Node, where: str, role: str) -> np.ndarray:
+def _effective_weight(node: ir.Node, where: str, role: str, mapping: SharedMapping | None = None) -> np.ndarray:
     try:
-        array = eval_constant_subgraph(_weight_operand(node))
+        array = eval_constant_subgraph(_weight_operand(node), mapping=mapping)
     except AdapterError as exc:
         raise AdapterError(f"{where}: {role}: {exc}; nothing to extract") from None
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxruntime.quantization import quant_utils as qu
 
 __all__ = ["act_params", "quantize_array", "quantize_asymmetric", "quantize_per_tensor", "quantize_blockwise"]
+
+
+def _qu():
+    """``onnxruntime.quantization.quant_utils``, imported on first use: importing it costs ~35 ms
+    that every process importing graph_tools (e.g. ``lora-onnx extract``) paid without quantizing."""
+    from onnxruntime.quantization import quant_utils
+
+    return quant_utils
 
 
 def act_params(lo: float, hi: float, qtype: ir.DataType, symmetric: bool = False) -> tuple[float, int]:
     """Scale and zero point of range [lo, hi] (widened to include 0); signed types are symmetric."""
     sym = symmetric or qtype.is_signed()
+    qu = _qu()
     qmin, qmax = qu.get_qmin_qmax_for_qType(int(qtype), symmetric=sym)
     zp, scale = qu.compute_scale_zp(np.array(lo, np.float32), np.array(hi, np.float32), qmin, qmax, symmetric=sym)
     return float(scale), int(zp)
@@ -23,6 +31,7 @@ def act_params(lo: float, hi: float, qtype: ir.DataType, symmetric: bool = False
 def quantize_array(x: np.ndarray, qtype: ir.DataType, axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric quantization (zero point 0), per tensor or one scale per index of ``axis``:
     ``(quantized, float32 scale)`` (scale shape ``[]`` or ``[x.shape[axis]]``)."""
+    qu = _qu()
     x = np.asarray(x, np.float32)
     rows = x.reshape(1, -1) if axis is None else np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
     if rows.shape[1] == 0:
@@ -41,7 +50,7 @@ def quantize_asymmetric(x: np.ndarray, qtype: ir.DataType) -> tuple[np.ndarray, 
     ``(quantized, float32 scale, zero point)``, scale and zero point of shape ``[]``."""
     x = np.asarray(x, np.float32)
     scale, zp = act_params(float(x.min(initial=0.0)), float(x.max(initial=0.0)), qtype)
-    q = qu.quantize_nparray(int(qtype), x, np.float32(scale), zp).astype(qtype.numpy())
+    q = _qu().quantize_nparray(int(qtype), x, np.float32(scale), zp).astype(qtype.numpy())
     return q, np.array(scale, np.float32), np.array(zp, qtype.numpy())
 
 
@@ -52,7 +61,7 @@ def quantize_per_tensor(x: np.ndarray, qtype: ir.DataType) -> tuple[np.ndarray, 
         q, scale = quantize_array(x, qtype, None)
         return q, float(scale)
     scale, zp = act_params(0.0, float(np.max(x, initial=0.0)), qtype)
-    return qu.quantize_nparray(int(qtype), np.asarray(x, np.float32), np.float32(scale), zp).astype(qtype.numpy()), scale
+    return _qu().quantize_nparray(int(qtype), np.asarray(x, np.float32), np.float32(scale), zp).astype(qtype.numpy()), scale
 
 
 def quantize_blockwise(w: np.ndarray, block: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
