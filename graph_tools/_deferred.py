@@ -27,25 +27,46 @@ __all__ = ["defer", "DEFERRED"]
 #: the modules :func:`defer` defers, in the order they are set up
 DEFERRED = ("sympy", "onnx_ir._symbolic_shapes")
 
-_LOCK = threading.RLock()
+_LOCK = threading.RLock()  # held for the whole load: other threads wait, then see the real module
+_LOADING: dict[str, int] = {}  # module name -> the thread running its code
 
 
 class _Deferred(types.ModuleType):
-    """A module whose code runs on the first lookup of a name it does not hold yet."""
+    """A module whose code runs on the first lookup of a name it does not hold yet. It stays a
+    ``_Deferred`` until that code has finished, so a lookup from another thread meanwhile waits
+    for the load (as the import lock makes it wait for an eager import) instead of seeing a
+    half-filled module."""
 
     def __getattr__(self, name: str):  # only called when ordinary lookup fails
-        with _LOCK:
-            if type(self) is _Deferred:  # not loaded meanwhile by another thread
-                self.__class__ = types.ModuleType
-                spec = self.__spec__
-                if spec.submodule_search_locations is not None:
-                    self.__path__ = spec.submodule_search_locations
-                try:
-                    spec.loader.exec_module(self)
-                except BaseException:
-                    sys.modules.pop(self.__spec__.name, None)  # as a failed eager import leaves it
-                    raise
+        _load(self, name)
         return getattr(self, name)
+
+    def __dir__(self):
+        _load(self)
+        return list(self.__dict__)
+
+
+def _load(module: types.ModuleType, name: str | None = None) -> None:
+    spec = module.__spec__
+    with _LOCK:
+        if type(module) is not _Deferred:  # loaded meanwhile (by another thread)
+            return
+        if _LOADING.get(spec.name) == threading.get_ident():  # the module's own code, mid-load
+            raise AttributeError(f"partially initialized module {spec.name!r} has no attribute {name!r}")
+        _LOADING[spec.name] = threading.get_ident()
+        try:
+            if spec.submodule_search_locations is not None:
+                module.__path__ = spec.submodule_search_locations
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(spec.name, None)  # as a failed eager import leaves it
+            raise
+        finally:
+            del _LOADING[spec.name]
+        module.__class__ = types.ModuleType
+        parent, _, child = spec.name.rpartition(".")
+        if parent in sys.modules:  # what the import system does for a submodule it loads
+            setattr(sys.modules[parent], child, module)
 
 
 def _stand_in(spec: importlib.machinery.ModuleSpec) -> types.ModuleType:

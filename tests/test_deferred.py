@@ -58,3 +58,32 @@ def test_submodule_first_runs_the_package_first():
         "print(type(sys.modules['sympy']) is types.ModuleType, sympy.Poly(sympy.Symbol('x') ** 2 + 1).degree())"
     )
     assert out == ["True", "2"]
+
+
+def test_threads_wait_for_the_first_load():
+    """Several threads touch sympy (through onnx-ir's symbolic dims and a from-import) at once:
+    each waits for the one load and gets the real names, none sees a half-filled module."""
+    out = _python(
+        "import threading, graph_tools, onnx_ir as ir; errors = []; barrier = threading.Barrier(6)\n"
+        "def dims():\n"
+        "    barrier.wait()\n"
+        "    try: assert str(ir.SymbolicDim('n') + 1) == 'n + 1'\n"
+        "    except Exception as e: errors.append(repr(e))\n"
+        "def names():\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        from sympy import Rational; assert Rational(1, 2) * 2 == 1\n"
+        "    except Exception as e: errors.append(repr(e))\n"
+        "threads = [threading.Thread(target=f) for f in (dims, names) * 3]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(len(errors), errors)"
+    )
+    assert out == ["0", "[]"]
+
+
+def test_dir_and_parent_attribute_after_load():
+    out = _python(
+        "import graph_tools, sympy, onnx_ir; print('Symbol' in dir(sympy)); "
+        "onnx_ir.SymbolicDim('n') + 1; print(onnx_ir._symbolic_shapes.__name__)"
+    )
+    assert out == ["True", "onnx_ir._symbolic_shapes"]
