@@ -352,16 +352,24 @@ def quiet_transformers(quiet: bool = True):
     if not quiet:
         yield
         return
+    import warnings
+
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
+    hub_off = hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # (also turns huggingface_hub's bars off)
     hf_logging.set_verbosity_error()
     try:
         yield
     finally:
         if bars:
-            hf_logging.enable_progress_bar()
+            with warnings.catch_warnings():  # hub: "cannot enable" when its env variable is set
+                warnings.simplefilter("ignore")
+                hf_logging.enable_progress_bar()
+        if hub_off and not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()  # the user's own hub setting, not transformers'
         hf_logging.set_verbosity(level)
 
 

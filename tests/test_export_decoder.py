@@ -158,12 +158,18 @@ def test_committed_kv_fixture_is_todays_export(family, decoders):
     assert dict(fresh.metadata_props) == dict(committed.metadata_props)
     for got, want in ((committed.graph.inputs, fresh.graph.inputs), (committed.graph.outputs, fresh.graph.outputs)):
         assert [(v.name, v.dtype, str(v.shape)) for v in got] == [(v.name, v.dtype, str(v.shape)) for v in want]
-    assert [(n.op_type, n.name, [v.name if v else "" for v in n.inputs]) for n in committed.graph] == [
-        (n.op_type, n.name, [v.name if v else "" for v in n.inputs]) for n in fresh.graph]
+    assert committed.opset_imports == fresh.opset_imports
+
+    def node(n):
+        return (n.domain, n.op_type, n.name, [v.name if v else "" for v in n.inputs], [v.name for v in n.outputs],
+                {k: repr(a.value) for k, a in n.attributes.items()})
+
+    assert [node(n) for n in committed.graph] == [node(n) for n in fresh.graph]
     assert [n.metadata_props.get("lora_onnx.module") for n in committed.graph] == [
         n.metadata_props.get("lora_onnx.module") for n in fresh.graph]
     assert sorted(committed.graph.initializers) == sorted(fresh.graph.initializers)
     for name, value in fresh.graph.initializers.items():
+        assert committed.graph.initializers[name].dtype == value.dtype, name
         np.testing.assert_array_equal(committed.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
 
 

@@ -112,7 +112,8 @@ def causal_folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def generation_run(causal_folders, tmp_path_factory):
     """``lora-onnx pipeline --task text-generation`` in-process (cli.main), quantized W8A16: the
-    command's exit code, stdout and stderr (fd-level, so C++ and library output counts too)."""
+    command's exit code and what it wrote to Python's stdout/stderr (C++ output is not seen here;
+    test_pipeline_cli_on_local_folder runs the real CLI in a subprocess for that)."""
     import contextlib
     import io
 
@@ -221,7 +222,21 @@ def test_text_generation_refuses_an_encoder(hf_folders, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_generation_demo_at_reduced_size(tmp_path, capfd):
+@pytest.fixture
+def loud_transformers():
+    """transformers' progress bars on and its warnings shown, as in a fresh process (an in-process
+    CLI run earlier in this worker turned them off for good), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    yield hf_logging
+    (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    hf_logging.set_verbosity(level)
+
+
+def test_generation_demo_at_reduced_size(tmp_path, capfd, loud_transformers):
     """The demo's generation half (fewer training steps): a small LM and two topic adapters trained
     in-process, greedy continuations from one session == PEFT generate, shown in the report; quiet
     means quiet (no transformers progress bars either)."""
@@ -231,6 +246,7 @@ def test_generation_demo_at_reduced_size(tmp_path, capfd):
     out = tmp_path / "demo" / "generation"
     result = generation_demo(out, quantize="w8a16", quiet=True, base_steps=30, adapter_steps=20, max_new_tokens=10)
     assert capfd.readouterr().err == ""
+    assert loud_transformers.is_progress_bar_enabled()  # and restored afterwards
     assert result.passed, result.table()
     assert [c.adapter for c in result.checks] == ["(base)", *sorted(DEMO_LM_ADAPTERS)]
     assert result.prompt_texts == DEMO_LM_PROMPTS
