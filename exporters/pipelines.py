@@ -594,15 +594,17 @@ def moved_sources(result: PipelineResult, old: str | os.PathLike, new: str | os.
     its output, then moves the folders in): make the output's manifests name the new place."""
     from graph_tools.adapters import manifest as mf
 
-    old_prefix, new_prefix = f"peft:{Path(old).resolve()}", f"peft:{Path(new).resolve()}"
+    old, new = str(Path(old).resolve()), str(Path(new).resolve())
+
+    def moved(path, prefix=""):  # ``prefix + path`` under old -> the same under new
+        if isinstance(path, str) and (path == prefix + old or path.startswith(prefix + old + os.sep)):
+            return prefix + new + path[len(prefix + old):]
+        return path
+
     for folder in dict.fromkeys([result.package_dir, result.served_dir]):
         man = mf.read_manifest(folder)
-        adapters = [dataclasses.replace(a, source=new_prefix + a.source[len(old_prefix):])
-                    if a.source == old_prefix or a.source.startswith(old_prefix + os.sep) else a for a in man.adapters]
-        base = man.extra.get("base")
-        extra = dict(man.extra)
-        if isinstance(base, str) and (base == str(Path(old).resolve()) or base.startswith(str(Path(old).resolve()) + os.sep)):
-            extra["base"] = str(Path(new).resolve()) + base[len(str(Path(old).resolve())):]
+        adapters = [dataclasses.replace(a, source=moved(a.source, "peft:")) for a in man.adapters]
+        extra = {**man.extra, "base": moved(man.extra["base"])} if "base" in man.extra else dict(man.extra)
         mf.write_manifest(folder, dataclasses.replace(man, adapters=adapters, extra=extra))
 
 

@@ -6,6 +6,7 @@ Every user error is one line on stderr and exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -60,20 +61,23 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _quiet_transformers(args) -> None:
-    """Without -v, transformers' progress bars and notes are not ours to print (torch commands only)."""
-    if getattr(args, "verbose", False):
-        return
-    from transformers.utils import logging as hf_logging
+def _transformers_quiet_unless_verbose(command):
+    """Without -v, transformers' progress bars and notes are not ours to print (torch commands
+    only); its settings are restored when the command returns (``exporters.pipelines.quiet_transformers``)."""
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    @functools.wraps(command)
+    def run(args) -> int:
+        from exporters.pipelines import quiet_transformers
+
+        with quiet_transformers(not getattr(args, "verbose", False)):
+            return command(args)
+
+    return run
 
 
 def _pipeline_result(args, base: str, adapters: dict[str, str], **kwargs):
     from exporters.pipelines import pipeline
 
-    _quiet_transformers(args)
     result = pipeline(base, adapters, args.output, quantize=args.quantize, calibration=getattr(args, "calibration", None),
                       mode=getattr(args, "mode", "inputs"), pack=getattr(args, "pack", False), quiet=args.quiet,
                       activation_scope=args.activation_scope, **kwargs)
@@ -92,6 +96,7 @@ def _run_pipeline(args, base: str, adapters: dict[str, str], **kwargs) -> int:
     return 0 if result.passed else 1
 
 
+@_transformers_quiet_unless_verbose
 def _cmd_pipeline(args) -> int:
     adapters = {}
     for item in args.adapter or []:
@@ -107,6 +112,7 @@ def _cmd_pipeline(args) -> int:
     return _run_pipeline(args, args.base, adapters, task=args.task, **kwargs)
 
 
+@_transformers_quiet_unless_verbose
 def _cmd_demo(args) -> int:
     from exporters.demo_models import generation_demo, minilm_dir, train_demo_adapters
     from exporters.pipelines import moved_sources
@@ -114,7 +120,6 @@ def _cmd_demo(args) -> int:
     import shutil
     import tempfile
 
-    _quiet_transformers(args)
     out = Path(args.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     # the adapters are trained beside the output (the pipeline refuses inputs inside its output)
