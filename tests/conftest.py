@@ -19,7 +19,7 @@ import onnx_ir as ir
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from graph_builder import FIXTURES  # noqa: E402
 
 import graph_builder  # noqa: E402
 

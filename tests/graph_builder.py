@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -372,6 +373,8 @@ def drop_debug_metadata(model: ir.Model) -> ir.Model:
 
 
 # -- golden files of fixtures/ (fixtures/make_fixtures.py writes them, tests/test_fixtures.py reads them)
+#: the committed fixture graphs (fixtures/make_fixtures.py writes them)
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MAX_BYTES = 200 * 1024
 GOLDEN_FIELDS = ("module", "adapter", "kind", "rank", "in_features", "out_features", "scale")
 

@@ -23,7 +23,7 @@ from peft.tuners.lora import LoraLayer
 
 import models
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from graph_builder import FIXTURES
 
 #: extract_adapters keyword arguments per mode under test
 MODES: dict[str, dict] = {

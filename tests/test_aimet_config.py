@@ -5,7 +5,6 @@ benchmarks/bench_quant_peers.py (aimet-onnx is not a test dependency)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -17,7 +16,7 @@ from graph_tools.quant import quantize, read_encodings
 from graph_tools.quant import aimet
 from graph_tools.quant.aimet import AIMET_CONFIG_FILE, aimet_config, validate_aimet_config
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from graph_builder import FIXTURES
 
 
 @pytest.fixture(scope="module")

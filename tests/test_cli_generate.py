@@ -7,7 +7,7 @@ import pytest
 
 from graph_tools import AdapterSession
 from graph_tools.cli import main
-from conftest import FIXTURES
+from graph_builder import FIXTURES
 
 WORDS = [f"w{i}" for i in range(96)]
 

@@ -8,7 +8,6 @@ hand-built graphs run without torch."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -18,7 +17,7 @@ import pytest
 import graph_builder as gb
 from graph_tools import find_lora_sites
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from graph_builder import FIXTURES
 ZOO = sorted(p.name.removeprefix("ours_").removesuffix(".onnx") for p in FIXTURES.glob("ours_*.onnx"))
 EXPORTERS = ("dynamo", "torchscript")
 LABELED = ("ours", *EXPORTERS, "inputs")

@@ -9,14 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 import graph_builder as gb
 from graph_tools import find_lora_sites
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from graph_builder import FIXTURES
 
 
 def _maker():

@@ -20,7 +20,7 @@ from graph_tools import extract_adapters
 from graph_tools.cli import main as cli_main
 
 import onnxruntime_genai as og
-from conftest import FIXTURES
+from graph_builder import FIXTURES
 
 NEW_TOKENS = 10
 EOS = 2

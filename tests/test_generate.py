@@ -20,7 +20,7 @@ from graph_tools import AdapterError, LoraOnnxError
 from graph_tools.errors import GenerationError, PackageError
 from graph_tools.runtime.decoder import read_decoder_info
 from graph_tools.runtime.session import AdapterSession
-from conftest import FIXTURES
+from graph_builder import FIXTURES
 
 FAMILIES = decoder_models.FAMILIES
 COMBO = {"default": 0.7, "second": 0.5}

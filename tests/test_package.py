@@ -17,7 +17,7 @@ import pytest
 
 import models
 import package_helpers as H
-from package_helpers import FIXTURES
+from graph_builder import FIXTURES
 from graph_tools.adapters import files
 from graph_tools.adapters import manifest as mf
 from graph_tools.adapters.extract import extract_adapters

@@ -4,7 +4,6 @@ close to the float package's session on calibrated inputs."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from graph_tools.adapters.extract import extract_adapters
 from graph_tools.quant import quantize
 from graph_tools.runtime.session import AdapterSession
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from graph_builder import FIXTURES
 VOCAB = 64  # models.VOCAB, the zoo's vocabulary (this file runs without torch)
 
 

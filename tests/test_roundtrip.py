@@ -35,7 +35,7 @@ from graph_tools.adapters.merge import merge_adapter
 from graph_tools.adapters.strip import strip_adapters
 from graph_tools.runtime.session import AdapterSession
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from graph_builder import FIXTURES
 TOL = 1e-5
 VOCAB = 64  # the zoo's vocabulary (tests/models.py), for token-id inputs
 MODES = {
